@@ -1,0 +1,214 @@
+"""The ``edgec`` command line: a thin layer over the Python API.
+
+User mistakes (``EdgecError``) print one line and exit with the error's code; no traceback.
+Progress goes to stderr, results to stdout (a table, or JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from edgec.errors import EdgecError, InputError
+from edgec.table import format_table, human_bytes
+
+
+def progress(message: str) -> None:
+    click.echo(f"• {message}", err=True)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgec")
+def cli() -> None:
+    """Compress transformer models, export them to ONNX, split and serve them on edge devices."""
+
+
+@cli.command()
+@click.argument("source")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Package directory to write.",
+)
+@click.option("--opset", default=18, show_default=True, help="ONNX opset.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export(source: str, output: Path, opset: int, as_json: bool) -> None:
+    """Export SOURCE (a built-in name or model directory) to a package."""
+    from edgec.exporters import export as export_package
+
+    result = export_package(source, output, opset=opset, on_step=progress)
+    manifest = result.manifest
+    if as_json:
+        emit_json(
+            {"package": str(result.path), "bytes": result.size_bytes, "parity": manifest.parity}
+        )
+        return
+    rows = [
+        [s.name, s.device, s.file, human_bytes((result.path / s.file).stat().st_size)]
+        for s in manifest.stages
+    ]
+    click.echo(
+        format_table(["stage", "device", "file", "size"], rows, title=f"package {result.path}")
+    )
+    click.echo(f"parity (onnxruntime vs torch): max abs error {result.max_abs_error:.3g}")
+
+
+def _read_feeds(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read inputs from {path}: {exc}") from exc
+
+
+def _describe(name: str, value: np.ndarray) -> list[Any]:
+    return [name, value.dtype, list(value.shape), float(value.mean()), float(value.std())]
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, help="A sentence (repeatable).")
+@click.option(
+    "--input", "inputs", type=click.Path(path_type=Path), help="Tensors as .npz, by input name."
+)
+@click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    help="Raw images as .npy, (N, H, W) or (N, C, H, W).",
+)
+@click.option(
+    "--save", type=click.Path(path_type=Path), help="Save raw output tensors to this .npz."
+)
+@click.option("--backend", default="local", show_default=True, help="Where stages run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def run(
+    package: Path,
+    texts: tuple[str, ...],
+    inputs: Path | None,
+    images: Path | None,
+    save: Path | None,
+    backend: str,
+    as_json: bool,
+) -> None:
+    """Run PACKAGE on text, images or raw tensors and print the outputs."""
+    from edgec.runtimes import load_package
+
+    given = sum(bool(x) for x in (texts, inputs, images))
+    if given != 1:
+        raise click.UsageError("give exactly one of --text, --input or --images")
+    runtime = load_package(package, backend=backend)
+    post = runtime.manifest.postprocessing
+    if inputs is not None:
+        outputs = runtime.run(_read_feeds(inputs))
+        if save:
+            np.savez(save, **outputs)
+        if as_json:
+            emit_json({name: value for name, value in outputs.items()})
+        else:
+            rows = [_describe(n, v) for n, v in outputs.items()]
+            click.echo(format_table(["output", "dtype", "shape", "mean", "std"], rows))
+        return
+    data: Any = list(texts) if texts else np.load(images, allow_pickle=False)  # type: ignore[arg-type]
+    if post is not None and post.kind == "classification":
+        result = runtime.classify(data)
+        if as_json:
+            emit_json({"labels": result.labels, "probabilities": result.probabilities})
+            return
+        names = list(texts) if texts else [f"image {i}" for i in range(len(result.labels))]
+        rows = [
+            [n, lbl, float(p.max())]
+            for n, lbl, p in zip(names, result.labels, result.probabilities, strict=True)
+        ]
+        click.echo(format_table(["input", "label", "probability"], rows))
+        return
+    vectors = runtime.embed(data)
+    if as_json:
+        emit_json({"embeddings": vectors})
+        return
+    names = list(texts) if texts else [f"image {i}" for i in range(len(vectors))]
+    rows = [[_short(n), vectors.shape[1], _preview(v)] for n, v in zip(names, vectors, strict=True)]
+    click.echo(format_table(["input", "dim", "embedding"], rows))
+
+
+def _short(text: str, width: int = 48) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _preview(vector: np.ndarray) -> str:
+    return "[" + ", ".join(f"{x:+.3f}" for x in vector[:4]) + ", …]"
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(package: Path, as_json: bool) -> None:
+    """Verify PACKAGE and show its manifest."""
+    from edgec.runtimes import read_package
+
+    pkg = read_package(package)
+    manifest = pkg.manifest
+    if as_json:
+        emit_json(manifest.to_json())
+        return
+    click.echo(
+        f"package {package}: {manifest.name} (format {manifest.format_version}, {manifest.created_by})"
+    )
+    click.echo(f"strategy: {manifest.strategy}; files verified: {len(manifest.files)}")
+    io_rows = [["input", t.name, t.dtype, list(t.shape)] for t in manifest.inputs]
+    io_rows += [["output", t.name, t.dtype, list(t.shape)] for t in manifest.outputs]
+    click.echo(format_table(["", "name", "dtype", "shape"], io_rows))
+    stage_rows = [
+        [s.name, s.device, s.file, human_bytes(pkg.path(s.file).stat().st_size), s.sha256[:12]]
+        for s in manifest.stages
+    ]
+    click.echo(format_table(["stage", "device", "file", "size", "sha256"], stage_rows))
+    if manifest.preprocessing:
+        click.echo(f"preprocessing: {manifest.preprocessing}")
+    if manifest.postprocessing:
+        click.echo(f"postprocessing: {manifest.postprocessing}")
+    if manifest.parity:
+        click.echo(
+            f"export parity: max abs error {manifest.parity.get('max_abs_error', float('nan')):.3g}"
+        )
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning ``EdgecError`` into one line and its exit code."""
+    try:
+        cli.main(standalone_mode=False)
+    except EdgecError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Backends run stages: the local backend (one process, a session per stage) and a registry.
+
+A backend turns a stage name and its feeds into the stage's outputs. The executor decides which
+stage runs when; the backend decides where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+from edgec.runtimes.manifest import DeviceInfo, StageInfo
+from edgec.runtimes.package import Package
+
+from edgec.errors import DeviceError, InputError
+
+Feeds = dict[str, np.ndarray]
+
+
+class Backend(Protocol):
+    def run_stage(self, stage: str, feeds: Feeds) -> Feeds: ...
+
+    def close(self) -> None: ...
+
+
+def session_options(device: DeviceInfo) -> ort.SessionOptions:
+    """Session options for a device: its thread count, full graph optimization."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if device.threads:
+        options.intra_op_num_threads = device.threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def open_session(package: Package, stage: StageInfo) -> ort.InferenceSession:
+    """An onnxruntime session for one stage, on the providers its device names."""
+    device = package.manifest.device(stage.device)
+    available = set(ort.get_available_providers())
+    missing = [p for p in device.providers if p not in available]
+    if missing:
+        raise DeviceError(
+            f"device {device.name!r} asks for providers {missing} that this onnxruntime lacks "
+            f"(available: {sorted(available)})"
+        )
+    return ort.InferenceSession(
+        str(package.path(stage.file)),
+        sess_options=session_options(device),
+        providers=list(device.providers),
+    )
+
+
+class LocalBackend:
+    """Every stage in this process, each its own InferenceSession with its device's threads."""
+
+    def __init__(self, package: Package):
+        self._sessions = {s.name: open_session(package, s) for s in package.manifest.stages}
+
+    def run_stage(self, stage: str, feeds: Feeds) -> Feeds:
+        session = self._sessions[stage]
+        names = [o.name for o in session.get_outputs()]
+        try:
+            values = session.run(names, feeds)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as exc:
+            raise InputError(f"stage {stage!r} rejected its inputs: {exc}") from exc
+        return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+BackendFactory = Callable[..., Backend]
+BACKENDS: dict[str, BackendFactory] = {"local": LocalBackend}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    BACKENDS[name] = factory
+
+
+def create_backend(name: str, package: Package, **options: object) -> Backend:
+    if name not in BACKENDS:
+        raise DeviceError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[name](package, **options)

@@ -1,0 +1,276 @@
+"""The package manifest: what ``manifest.json`` holds, as typed data.
+
+This module is the single definition of the package format. The exporters write it, the runtime
+reads it; neither builds manifest dicts by hand. It imports numpy only (the device install).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgec.errors import PackageError
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+
+# ONNX element types the runtime maps to numpy; names are numpy's.
+DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+
+Dim = int | str  # a fixed size, or a symbolic name such as "batch"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A named tensor of the model's interface or of an edge between stages."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PackageError(
+                f"tensor {self.name!r}: unknown dtype {self.dtype!r}; known: {DTYPES}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorInfo:
+        return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    """Tokenize text with the package's ``tokenizer.json`` (Hugging Face tokenizers format)."""
+
+    tokenizer: str  # path inside the package
+    max_length: int
+    # The model inputs the tokenizer fills, in the package's input names.
+    input_ids: str = "input_ids"
+    attention_mask: str | None = "attention_mask"
+    token_type_ids: str | None = None
+    kind: str = "text"
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """Scale images to ``[0, 1]`` by ``scale``, then normalize by ``mean`` and ``std`` per channel."""
+
+    input: str
+    channels: int
+    height: int
+    width: int
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    kind: str = "image"
+
+
+@dataclass(frozen=True)
+class EmbeddingPostprocessing:
+    """Pool token states into one vector per input (sentence-transformers style)."""
+
+    output: str
+    pooling: str = "mean"  # mean | cls | max
+    normalize: bool = True
+    kind: str = "embedding"
+
+
+@dataclass(frozen=True)
+class ClassificationPostprocessing:
+    """Softmax over ``output``; ``labels[i]`` names class i."""
+
+    output: str
+    labels: tuple[str, ...]
+    kind: str = "classification"
+
+
+Preprocessing = TextPreprocessing | ImagePreprocessing
+Postprocessing = EmbeddingPostprocessing | ClassificationPostprocessing
+
+_PRE = {"text": TextPreprocessing, "image": ImagePreprocessing}
+_POST = {"embedding": EmbeddingPostprocessing, "classification": ClassificationPostprocessing}
+
+
+def _tupled(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+def _processing_from_json(data: dict[str, Any] | None, registry: dict[str, type], what: str) -> Any:
+    if data is None:
+        return None
+    kind = data.get("kind")
+    if kind not in registry:
+        raise PackageError(f"unknown {what} kind {kind!r}; known: {sorted(registry)}")
+    try:
+        return registry[kind](**_tupled(data))
+    except TypeError as exc:
+        raise PackageError(f"invalid {what} {data}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where a stage runs: onnxruntime providers and threads (0 lets onnxruntime choose)."""
+
+    name: str
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    threads: int = 0
+    memory_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {
+            "name": self.name,
+            "providers": list(self.providers),
+            "threads": self.threads,
+            "memory_mb": self.memory_mb,
+        }
+        data.update(self.extra)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceInfo:
+        known = {"name", "providers", "threads", "memory_mb"}
+        return cls(
+            name=data["name"],
+            providers=tuple(data.get("providers", ("CPUExecutionProvider",))),
+            threads=int(data.get("threads", 0)),
+            memory_mb=data.get("memory_mb"),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One ONNX file of the package, run on one device.
+
+    ``inputs`` name tensors that are model inputs or outputs of earlier stages; ``outputs`` name
+    what it produces. ``extra`` carries strategy-specific fields (e.g. a batch slice).
+    """
+
+    name: str
+    device: str
+    file: str
+    sha256: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    contrib_ops: bool = False  # uses com.microsoft operators (CPU/CUDA providers only)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "device": self.device,
+            "file": self.file,
+            "sha256": self.sha256,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "contrib_ops": self.contrib_ops,
+        }
+        data.update(self.extra)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageInfo:
+        known = {"name", "device", "file", "sha256", "inputs", "outputs", "contrib_ops"}
+        return cls(
+            name=data["name"],
+            device=data["device"],
+            file=data["file"],
+            sha256=data["sha256"],
+            inputs=tuple(data["inputs"]),
+            outputs=tuple(data["outputs"]),
+            contrib_ops=bool(data.get("contrib_ops", False)),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything ``manifest.json`` holds. ``files`` maps every other file to its sha256."""
+
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    stages: tuple[StageInfo, ...]
+    devices: tuple[DeviceInfo, ...]
+    files: dict[str, str]
+    preprocessing: Preprocessing | None = None
+    postprocessing: Postprocessing | None = None
+    edges: tuple[dict[str, Any], ...] = ()
+    aggregation: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    strategy: str = "single"
+    report: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def input(self, name: str) -> TensorInfo:
+        for info in self.inputs:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    def device(self, name: str) -> DeviceInfo:
+        for info in self.devices:
+            if info.name == name:
+                return info
+        raise PackageError(f"stage device {name!r} is not among the manifest's devices")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "created_by": self.created_by,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "preprocessing": asdict(self.preprocessing) if self.preprocessing else None,
+            "postprocessing": asdict(self.postprocessing) if self.postprocessing else None,
+            "devices": [d.to_json() for d in self.devices],
+            "strategy": self.strategy,
+            "stages": [s.to_json() for s in self.stages],
+            "edges": list(self.edges),
+            "aggregation": self.aggregation,
+            "files": dict(sorted(self.files.items())),
+            "report": self.report,
+            "parity": self.parity,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        if not isinstance(data, dict):
+            raise PackageError("manifest.json is not a JSON object")
+        version = data.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise PackageError(
+                f"package format_version {version!r} is not supported by this edgec "
+                f"(supported: {SUPPORTED_FORMAT_VERSIONS}); upgrade edgec or re-export the package"
+            )
+        try:
+            return cls(
+                format_version=version,
+                name=data["name"],
+                created_by=data.get("created_by", ""),
+                inputs=tuple(TensorInfo.from_json(t) for t in data["inputs"]),
+                outputs=tuple(TensorInfo.from_json(t) for t in data["outputs"]),
+                preprocessing=_processing_from_json(
+                    data.get("preprocessing"), _PRE, "preprocessing"
+                ),
+                postprocessing=_processing_from_json(
+                    data.get("postprocessing"), _POST, "postprocessing"
+                ),
+                devices=tuple(DeviceInfo.from_json(d) for d in data["devices"]),
+                strategy=data.get("strategy", "single"),
+                stages=tuple(StageInfo.from_json(s) for s in data["stages"]),
+                edges=tuple(data.get("edges", ())),
+                aggregation=data.get("aggregation", {"kind": "none"}),
+                files=dict(data["files"]),
+                report=data.get("report", {}),
+                parity=data.get("parity", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"manifest.json is malformed: {type(exc).__name__}: {exc}") from exc

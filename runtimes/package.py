@@ -1,0 +1,84 @@
+"""Read and verify a package directory: manifest, format version, paths and hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgec.runtimes.manifest import MANIFEST_NAME, Manifest
+
+from edgec.errors import PackageError
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing absolute paths and paths that leave ``root``."""
+    candidate = Path(relative)
+    if candidate.is_absolute() or relative.startswith(("/", "\\")):
+        raise PackageError(f"manifest path {relative!r} is absolute; packages hold relative paths")
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise PackageError(f"manifest path {relative!r} leaves the package directory")
+    return resolved
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified package on disk: its root and its manifest."""
+
+    root: Path
+    manifest: Manifest
+
+    def path(self, relative: str) -> Path:
+        return resolve_inside(self.root, relative)
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Parse ``root/manifest.json`` without checking the files it lists."""
+    manifest_path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise PackageError(f"package {str(root)!r} is not a directory")
+    if not manifest_path.is_file():
+        raise PackageError(f"package {str(root)!r} has no {MANIFEST_NAME}")
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    return Manifest.from_json(data)
+
+
+def read_package(path: str | Path, *, verify: bool = True) -> Package:
+    """Load a package's manifest and check it.
+
+    Checks the format version, that every path stays inside the package, that every stage file
+    is listed in ``files``, and (``verify``) every file's sha256.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    listed = dict(manifest.files)
+    for stage in manifest.stages:
+        if listed.get(stage.file, stage.sha256) != stage.sha256:
+            raise PackageError(f"stage {stage.name!r}: sha256 differs between stage and files list")
+        listed[stage.file] = stage.sha256
+        manifest.device(stage.device)  # every stage names a known device
+    for relative, expected in listed.items():
+        file = resolve_inside(root, relative)
+        if not file.is_file():
+            raise PackageError(f"package file {relative!r} is missing")
+        if verify and sha256_file(file) != expected:
+            raise PackageError(
+                f"package file {relative!r} is corrupted: its sha256 does not match the manifest"
+            )
+    return Package(root=root, manifest=manifest)
