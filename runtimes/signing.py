@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
+from typing import Any
 
 from edgec.runtimes.manifest import MANIFEST_NAME
 
@@ -40,7 +41,7 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
     public_path.write_bytes(public_pem)
 
 
-def _load_key(path: Path, *, private: bool):  # type: ignore[no-untyped-def]
+def _load_key(path: Path, *, private: bool) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,

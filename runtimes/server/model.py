@@ -25,6 +25,7 @@ from edgec.runtimes.server.protocol import DATATYPE_OF, ProtocolError
 from edgec.errors import DeviceError, InputError
 
 TEXT_INPUT = "text"
+Result = dict[str, np.ndarray] | Exception
 DEFAULT_MAX_SEQUENCE = 512
 
 
@@ -156,11 +157,10 @@ class ServedModel:
                     )
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise ProtocolError(f"input {info.name!r} holds NaN or infinity")
-            if self.vocab_size is not None and info.name == self._input_ids_name():
-                if value.size and (value.min() < 0 or value.max() >= self.vocab_size):
-                    raise ProtocolError(
-                        f"input {info.name!r} holds token ids outside [0, {self.vocab_size})"
-                    )
+            if self._out_of_vocabulary(info.name, value):
+                raise ProtocolError(
+                    f"input {info.name!r} holds token ids outside [0, {self.vocab_size})"
+                )
         rows = feeds[self.runtime.manifest.inputs[0].name].shape[0] if feeds else 0
         self._check_rows(rows)
         if self.batch_axis_name is None:
@@ -168,6 +168,11 @@ class ServedModel:
         else:
             key = ("tensors", tuple((n, v.shape[1:]) for n, v in sorted(feeds.items())))
         return Work(kind="tensors", key=key, rows=rows, feeds=feeds)
+
+    def _out_of_vocabulary(self, name: str, value: np.ndarray) -> bool:
+        if self.vocab_size is None or name != self._input_ids_name() or not value.size:
+            return False
+        return bool(value.min() < 0 or value.max() >= self.vocab_size)
 
     def _input_ids_name(self) -> str | None:
         pre = self.runtime.manifest.preprocessing
@@ -181,7 +186,7 @@ class ServedModel:
 
     # running ------------------------------------------------------------------------------
 
-    def run_batch(self, batch: Sequence[Work]) -> list[dict[str, np.ndarray] | Exception]:
+    def run_batch(self, batch: Sequence[Work]) -> list[Result]:
         """Run works that share one key; on failure, run each alone so errors stay theirs."""
         if len(batch) == 1:
             return [self._run_alone(batch[0])]
@@ -192,7 +197,7 @@ class ServedModel:
         except Exception:  # one request's fault must not become the others'
             return [self._run_alone(work) for work in batch]
 
-    def _run_alone(self, work: Work) -> dict[str, np.ndarray] | Exception:
+    def _run_alone(self, work: Work) -> Result:
         try:
             return self._run_joined([work])[0]
         except DeviceError as exc:
@@ -200,7 +205,7 @@ class ServedModel:
         except Exception as exc:  # the model refused this request only
             return ModelFailure(f"model {self.name!r} could not run this request: {exc}")
 
-    def _run_joined(self, batch: Sequence[Work]) -> list[dict[str, np.ndarray]]:
+    def _run_joined(self, batch: Sequence[Work]) -> list[Result]:
         if batch[0].kind == "text":
             texts = [t for work in batch for t in work.texts]
             outputs = self._answer_text(texts)
@@ -211,7 +216,8 @@ class ServedModel:
                 for n in names
             }
             outputs = self.runtime.run(joined)
-        results, start = [], 0
+        results: list[Result] = []
+        start = 0
         for work in batch:
             stop = start + work.rows
             results.append({name: value[start:stop] for name, value in outputs.items()})

@@ -195,7 +195,9 @@ def _parse_input(index: int, item: Any, binary: bytes, offset: int) -> tuple[str
     return name, _from_json(where, datatype, shape, count, item["data"]), offset
 
 
-def _from_binary(where: str, datatype: str, shape: tuple[int, ...], count: int, chunk: bytes):  # type: ignore[no-untyped-def]
+def _from_binary(
+    where: str, datatype: str, shape: tuple[int, ...], count: int, chunk: bytes
+) -> np.ndarray:
     if datatype == "BYTES":
         elements, position = [], 0
         while position < len(chunk):
@@ -243,7 +245,9 @@ def _flatten(where: str, data: Any, count: int) -> list[Any]:
     return flat
 
 
-def _from_json(where: str, datatype: str, shape: tuple[int, ...], count: int, data: Any):  # type: ignore[no-untyped-def]
+def _from_json(
+    where: str, datatype: str, shape: tuple[int, ...], count: int, data: Any
+) -> np.ndarray:
     flat = _flatten(where, data, count)
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
