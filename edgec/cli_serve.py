@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -92,10 +93,9 @@ def serve_on_device(
     scheme = "https" if tls_cert else "http"
     name = app.state.service.model.name
     progress(f"serving {name!r} on {scheme}://{bound_host}:{bound_port}/v2 (SIGTERM stops)")
-    try:  # uvicorn re-raises the signal after its graceful shutdown; SIGINT lands here
+    # uvicorn re-raises the signal after its graceful shutdown; SIGINT lands here
+    with contextlib.suppress(KeyboardInterrupt):
         run_server(app, sock, tls_cert=tls_cert, tls_key=tls_key, graceful_timeout_s=timeout_s + 5)
-    except KeyboardInterrupt:
-        pass
     progress("stopped")
 
 

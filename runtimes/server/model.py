@@ -21,6 +21,7 @@ from edgec.runtimes.manifest import (
 )
 from edgec.runtimes.runtime import Runtime, check_feeds
 from edgec.runtimes.server.protocol import DATATYPE_OF, ProtocolError
+from edgec.runtimes.server.text import answer_texts
 
 from edgec.errors import DeviceError, InputError
 
@@ -208,7 +209,7 @@ class ServedModel:
     def _run_joined(self, batch: Sequence[Work]) -> list[Result]:
         if batch[0].kind == "text":
             texts = [t for work in batch for t in work.texts]
-            outputs = self._answer_text(texts)
+            outputs = answer_texts(self.runtime, texts)
         else:
             names = list(batch[0].feeds or {})
             joined = {
@@ -223,14 +224,6 @@ class ServedModel:
             results.append({name: value[start:stop] for name, value in outputs.items()})
             start = stop
         return results
-
-    def _answer_text(self, texts: list[str]) -> dict[str, np.ndarray]:
-        if isinstance(self.post, EmbeddingPostprocessing):
-            return {"embedding": self.runtime.embed(texts)}
-        result = self.runtime.classify(texts)
-        labels = np.empty(len(result.labels), dtype=object)
-        labels[:] = [label.encode("utf-8") for label in result.labels]
-        return {"probabilities": result.probabilities.astype(np.float32), "label": labels}
 
     def output_names(self, work: Work) -> list[str]:
         if work.kind == "text":
