@@ -113,14 +113,41 @@ def test_batched_results_equal_unbatched(minilm_runtime):
         )
 
 
-def test_a_bad_request_in_a_batch_fails_alone(minilm_runtime):
-    model = ServedModel(minilm_runtime)
-    good = model.check({"text": np.array([b"a fine sentence"], dtype=object)})
-    feeds = minilm_runtime.encode(["x"])
-    # Passes the checks, but position ids run out: the model itself refuses it.
-    long = {n: np.ones((1, 512), np.int64) for n in feeds}
-    model.max_sequence = 10_000
-    bad = model.check({n: np.concatenate([long[n]] * 2, axis=1) for n in feeds})
-    results = model.run_batch([good]) + model.run_batch([bad])
-    assert isinstance(results[0], dict)
-    assert isinstance(results[1], Exception) and "could not run" in str(results[1])
+def test_a_bad_request_in_a_batch_fails_alone(bert_package):
+    """Token ids past this tokenizer-less model's vocabulary pass the checks but fail the model:
+    joined with a good request, only the bad one fails."""
+    model = ServedModel(load_package(bert_package))
+
+    def work(token: int):  # type: ignore[no-untyped-def]
+        ids = np.full((1, 4), token, dtype=np.int64)
+        return model.check(
+            {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+        )
+
+    good, bad = work(1), work(10_000)
+    assert good.key == bad.key  # the batcher would join them
+    together = model.run_batch([good, bad])
+    assert isinstance(together[0], dict) and together[0]["last_hidden_state"].shape == (1, 4, 32)
+    assert isinstance(together[1], Exception) and "could not run" in str(together[1])
+
+
+def test_tiny_vit_digits_through_tritonclient(digits_package):
+    """Raw ``pixel_values`` (FP32) in, the logits the runtime gives out, labels that agree."""
+    from conftest import RunningServer
+    from edgec.models.data import digits
+    from edgec.runtimes.server import ServerConfig, load_app
+
+    runtime = load_package(digits_package)
+    images, labels = digits("test")
+    pixels = runtime.encode(images[:32])[runtime.manifest.inputs[0].name]
+    with RunningServer(load_app(digits_package, ServerConfig())) as server:
+        client = triton.InferenceServerClient(server.address)
+        tensor = triton.InferInput(runtime.manifest.inputs[0].name, list(pixels.shape), "FP32")
+        tensor.set_data_from_numpy(pixels, binary_data=True)
+        output = runtime.manifest.outputs[0].name
+        result = client.infer(runtime.name, [tensor], outputs=[triton.InferRequestedOutput(output)])
+        client.close()
+    served = result.as_numpy(output)
+    expected = runtime.run({runtime.manifest.inputs[0].name: pixels})[output]
+    np.testing.assert_allclose(served, expected, atol=1e-4)
+    assert float((served.argmax(axis=1) == labels[:32]).mean()) >= 0.9
