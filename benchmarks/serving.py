@@ -116,6 +116,42 @@ def closed_loop(url: str, sentences: list[str], clients: int, seconds: float) ->
     }
 
 
+def batching_ceiling(
+    package: Path, sentences: list[str], rows: int = 16, repeats: int = 7
+) -> dict[str, float]:
+    """What batching can gain in the model alone, in one process: sentences/s of one call on
+    ``rows`` sentences over ``rows`` single calls (medians), for mixed-length sentences padded to
+    the longest, the same grouped by length as the server does, and equal-length sentences."""
+    from edgec.runtimes import load_package
+    from edgec.runtimes.server.text import answer_texts
+
+    runtime = load_package(package)
+    rng = np.random.default_rng(0)
+    equal = [sentences[0]] * rows
+
+    def rate(call: Any, texts: list[str]) -> float:
+        call(texts)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            call(texts)
+            times.append(time.perf_counter() - started)
+        return rows / float(np.median(times))
+
+    def singles(texts: list[str]) -> None:
+        for text in texts:
+            runtime.embed([text])
+
+    mixed = [str(x) for x in rng.choice(sentences, rows)]
+    single_mixed = rate(singles, mixed)
+    return {
+        "rows": rows,
+        "padded_vs_single": rate(runtime.embed, mixed) / single_mixed,
+        "grouped_vs_single": rate(lambda t: answer_texts(runtime, t), mixed) / single_mixed,
+        "equal_length_vs_single": rate(runtime.embed, equal) / rate(singles, equal),
+    }
+
+
 def malformed_bodies(count: int, seed: int = 0) -> list[tuple[str, bytes, dict[str, str]]]:
     """``count`` malformed requests cycling through the ways a client gets it wrong."""
     rng = np.random.default_rng(seed)
@@ -225,6 +261,13 @@ def markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{x:.0f}" for x in rss)
         + " MB."
     )
+    ceiling = results["batching_ceiling"]
+    lines.append(
+        f"In one process, one call on {ceiling['rows']} sentences vs {ceiling['rows']} single calls "
+        f"(sentences/s): mixed lengths padded to the longest {ceiling['padded_vs_single']:.2f}×, "
+        f"grouped by length as the server does {ceiling['grouped_vs_single']:.2f}×, "
+        f"equal lengths {ceiling['equal_length_vs_single']:.2f}×."
+    )
     bad = results["malformed"]
     lines.append(
         f"{bad['requests']} malformed requests: statuses {bad['statuses']}, all 4xx: {bad['all_4xx']}, "
@@ -260,6 +303,8 @@ def main() -> None:
         "runs": {},
     }
     top = max(args.concurrency)
+    results["batching_ceiling"] = batching_ceiling(package, sentences)
+    print("ceiling", results["batching_ceiling"], flush=True)
     for setting, options in SETTINGS.items():
         server = Server(package, options)
         runs = []
