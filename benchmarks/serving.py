@@ -69,6 +69,21 @@ class Server:
             self.process.stderr.close()
 
 
+def batch_counters(url: str) -> tuple[float, float, float]:
+    """(batches, rows, seconds busy running batches) so far, from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+
+    def value(name: str) -> float:
+        match = re.search(rf'^{name}{{model="minilm"}} (\S+)$', text, flags=re.M)
+        return float(match.group(1)) if match else 0.0
+
+    return (
+        value("edgec_batch_size_rows_count"),
+        value("edgec_batch_size_rows_sum"),
+        value("edgec_batch_seconds_sum"),
+    )
+
+
 def closed_loop(url: str, sentences: list[str], clients: int, seconds: float) -> dict[str, Any]:
     """``clients`` threads sending requests back to back for ``seconds``."""
     infer = f"{url}/v2/models/minilm/infer"
@@ -240,16 +255,18 @@ def run_malformed(url: str, count: int) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Serving minilm on loopback, {results['machine']}; closed-loop clients, one sentence per "
-        f"request, {results['duration_s']:.0f} s per run. Command: `{results['command']}`",
+        f"request, {results['duration_s']:.0f} s per run; model busy: share of the run the inference "
+        f"thread spent running batches. Command: `{results['command']}`",
         "",
-        "| server | clients | requests/s | p50 ms | p99 ms | errors | server RSS MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | clients | requests/s | p50 ms | p99 ms | errors | rows/batch | model busy | server RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for setting, runs in results["runs"].items():
         for run in runs:
             lines.append(
                 f"| {setting} | {run['concurrency']} | {run['throughput_rps']:.1f} | "
-                f"{run['p50_ms']:.1f} | {run['p99_ms']:.1f} | {run['errors']} | {run['rss_mb']:.0f} |"
+                f"{run['p50_ms']:.1f} | {run['p99_ms']:.1f} | {run['errors']} | "
+                f"{run['rows_per_batch']:.1f} | {run['busy_fraction']:.0%} | {run['rss_mb']:.0f} |"
             )
     lines += [
         "",
@@ -311,7 +328,12 @@ def main() -> None:
         try:
             for clients in args.concurrency:
                 closed_loop(server.url, sentences, clients, 2.0)  # warm-up
+                before = batch_counters(server.url)
                 run = closed_loop(server.url, sentences, clients, args.duration)
+                after = batch_counters(server.url)
+                batches, rows, busy = (a - b for a, b in zip(after, before, strict=True))
+                run["rows_per_batch"] = rows / batches if batches else None
+                run["busy_fraction"] = busy / args.duration
                 run["rss_mb"] = rss_mb(server.process.pid)
                 runs.append(run)
                 print(setting, run, flush=True)

@@ -159,3 +159,14 @@ def test_cli_keygen_sign_and_serve_refuses_a_tampered_package(bert_package, tmp_
     assert result.returncode == 10, result.stderr
     assert "does not match its signature" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_cluster_option_asks_the_ray_backend(bert_package):
+    from edgec.runtimes.backends import BACKENDS
+
+    if "ray" in BACKENDS:
+        pytest.skip("the Ray backend is registered; its own tests cover connecting")
+    result = _edgec("serve-on-device", str(bert_package), "--port", "0", "--cluster", "127.0.0.1:1")
+    assert result.returncode == 8, result.stderr
+    assert "unknown backend 'ray'" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
