@@ -119,15 +119,40 @@ def closed_loop(url: str, sentences: list[str], clients: int, seconds: float) ->
         thread.start()
     for thread in threads:
         thread.join()
-    done = np.array([x for per in latencies for x in per]) * 1000
+    return {
+        "latencies_ms": [1000 * x for per in latencies for x in per],
+        "errors": int(sum(errors)),
+        "seconds": seconds,
+    }
+
+
+def measure(server: Server, sentences: list[str], clients: int, seconds: float) -> dict[str, Any]:
+    """One closed-loop run plus what the server's metrics say about it."""
+    before = batch_counters(server.url)
+    part = closed_loop(server.url, sentences, clients, seconds)
+    batches, rows, busy = (a - b for a, b in zip(batch_counters(server.url), before, strict=True))
+    part.update(batches=batches, rows=rows, busy_s=busy, rss_mb=rss_mb(server.process.pid))
+    return part
+
+
+def summarize(parts: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    """Rounds of one setting at one concurrency, pooled."""
+    done = np.array([x for part in parts for x in part["latencies_ms"]])
+    seconds = sum(part["seconds"] for part in parts)
+    batches = sum(part["batches"] for part in parts)
     return {
         "concurrency": clients,
         "seconds": seconds,
+        "rounds": len(parts),
         "requests": int(done.size),
-        "errors": int(sum(errors)),
+        "errors": sum(part["errors"] for part in parts),
         "throughput_rps": float(done.size / seconds),
         "p50_ms": float(np.percentile(done, 50)) if done.size else None,
         "p99_ms": float(np.percentile(done, 99)) if done.size else None,
+        "rows_per_batch": sum(part["rows"] for part in parts) / batches if batches else None,
+        "busy_fraction": sum(part["busy_s"] for part in parts) / seconds,
+        "rss_mb": parts[-1]["rss_mb"],
+        "rss_after_each_round_mb": [part["rss_mb"] for part in parts],
     }
 
 
@@ -253,10 +278,13 @@ def run_malformed(url: str, count: int) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    top = max(r["concurrency"] for runs in results["runs"].values() for r in runs)
     lines = [
         f"Serving minilm on loopback, {results['machine']}; closed-loop clients, one sentence per "
-        f"request, {results['duration_s']:.0f} s per run; model busy: share of the run the inference "
-        f"thread spent running batches. Command: `{results['command']}`",
+        f"request, {results['duration_s']:.0f} s per setting and concurrency in "
+        f"{results['rounds']} rounds alternating between the two servers (so both see the same "
+        "machine load); model busy: share of the time the inference thread ran batches. "
+        f"Command: `{results['command']}`",
         "",
         "| server | clients | requests/s | p50 ms | p99 ms | errors | rows/batch | model busy | server RSS MB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -270,11 +298,12 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        f"Dynamic batching vs max batch 1 at 16 clients: **{results['speedup_16']:.2f}×** throughput.",
+        f"Dynamic batching vs max batch 1 at {top} clients: **{results['speedup_16']:.2f}×** "
+        "throughput.",
     ]
     rss = results["rss_repeats_mb"]
     lines.append(
-        f"Server RSS after each of {len(rss)} repeated 16-client runs: "
+        f"Server RSS (dynamic batching) after each of {len(rss)} repeated {top}-client rounds: "
         + ", ".join(f"{x:.0f}" for x in rss)
         + " MB."
     )
@@ -297,9 +326,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     parser.add_argument("--package", type=Path, help="An exported minilm package (else exported).")
-    parser.add_argument("--duration", type=float, default=30.0, help="Seconds per run.")
+    parser.add_argument(
+        "--duration", type=float, default=30.0, help="Seconds per setting and concurrency."
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--repeats", type=int, default=3, help="Repeats of the top run (RSS).")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Interleaved rounds the duration is split into."
+    )
     parser.add_argument("--malformed", type=int, default=1000)
     args = parser.parse_args()
 
@@ -317,37 +350,37 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "runs": {},
     }
     top = max(args.concurrency)
     results["batching_ceiling"] = batching_ceiling(package, sentences)
     print("ceiling", results["batching_ceiling"], flush=True)
-    for setting, options in SETTINGS.items():
-        server = Server(package, options)
-        runs = []
-        try:
-            for clients in args.concurrency:
+    servers = {setting: Server(package, options) for setting, options in SETTINGS.items()}
+    results["runs"] = {setting: [] for setting in SETTINGS}
+    try:
+        for clients in args.concurrency:
+            parts: dict[str, list[dict[str, Any]]] = {setting: [] for setting in SETTINGS}
+            for server in servers.values():
                 closed_loop(server.url, sentences, clients, 2.0)  # warm-up
-                before = batch_counters(server.url)
-                run = closed_loop(server.url, sentences, clients, args.duration)
-                after = batch_counters(server.url)
-                batches, rows, busy = (a - b for a, b in zip(after, before, strict=True))
-                run["rows_per_batch"] = rows / batches if batches else None
-                run["busy_fraction"] = busy / args.duration
-                run["rss_mb"] = rss_mb(server.process.pid)
-                runs.append(run)
+            for _ in range(args.rounds):  # alternate: both settings see the same machine load
+                for setting, server in servers.items():
+                    parts[setting].append(
+                        measure(server, sentences, clients, args.duration / args.rounds)
+                    )
+            for setting in SETTINGS:
+                run = summarize(parts[setting], clients)
+                results["runs"][setting].append(run)
                 print(setting, run, flush=True)
-            if setting.startswith("dynamic"):
-                repeats = [runs[-1]["rss_mb"]]
-                for _ in range(args.repeats - 1):
-                    closed_loop(server.url, sentences, top, args.duration)
-                    repeats.append(rss_mb(server.process.pid))
-                results["rss_repeats_mb"] = repeats
-                results["malformed"] = run_malformed(server.url, args.malformed)
-                print("malformed", results["malformed"], flush=True)
-        finally:
+        dynamic_server = servers[next(iter(SETTINGS))]
+        results["rss_repeats_mb"] = results["runs"][next(iter(SETTINGS))][-1][
+            "rss_after_each_round_mb"
+        ]
+        results["malformed"] = run_malformed(dynamic_server.url, args.malformed)
+        print("malformed", results["malformed"], flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
-        results["runs"][setting] = runs
     dynamic, single = (results["runs"][s] for s in SETTINGS)
     results["speedup_16"] = (
         next(r for r in dynamic if r["concurrency"] == top)["throughput_rps"]
