@@ -39,7 +39,12 @@ def _read_token(path: Path | None) -> str | None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, help="Port (0: any free port).")
 @click.option("--max-batch", default=16, show_default=True, help="Rows per batch (1: off).")
-@click.option("--max-delay-ms", default=5.0, show_default=True, help="Wait for a batch to fill.")
+@click.option(
+    "--max-delay-ms",
+    default=5.0,
+    show_default=True,
+    help="Longest a request waits for a batch to fill.",
+)
 @click.option("--max-queue", default=256, show_default=True, help="Waiting requests; then 503.")
 @click.option("--timeout-s", default=30.0, show_default=True, help="Per-request timeout; 504.")
 @click.option(

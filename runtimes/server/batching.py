@@ -1,7 +1,7 @@
 """Dynamic batching: a bounded queue, a collector that forms batches, one inference thread.
 
 Requests wait in a bounded queue (full: ``QueueFull``, answered 503). The collector takes the
-oldest request, then waits at most ``max_delay_ms`` for more with the same batching key, up to
+oldest request, then waits until it is ``max_delay_ms`` old for more with the same batching key, up to
 ``max_batch`` rows, and runs the batch on a single worker thread while the next one gathers.
 Requests whose caller gave up (timeout, disconnect) are dropped before they run.
 """
@@ -119,7 +119,9 @@ class DynamicBatcher:
         if first is None:
             return []
         batch, rows = [first], first.rows
-        deadline = time.perf_counter() + self.config.max_delay_ms / 1000
+        # The delay bounds how long the oldest request waits in all (as Triton's queue delay): a
+        # request that queued while the model was busy has waited already, so it goes at once.
+        deadline = first.enqueued + self.config.max_delay_ms / 1000
         assert self._wakeup is not None
         while rows < self.config.max_batch:
             rows += self._take_compatible(batch, first.key, self.config.max_batch - rows)

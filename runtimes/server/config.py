@@ -12,7 +12,7 @@ class ServerConfig:
     """Batching, limits and the optional bearer token. Sizes in bytes, times in ms or s."""
 
     max_batch: int = 16  # rows per batch; 1 turns dynamic batching off
-    max_delay_ms: float = 5.0  # how long a batch waits to fill
+    max_delay_ms: float = 5.0  # longest the oldest request waits for its batch to fill
     max_queue: int = 256  # requests waiting; beyond, 503
     request_timeout_s: float = 30.0  # from receipt to answer; beyond, 504
     max_body_bytes: int = 16 * 1024 * 1024  # beyond, 413
