@@ -210,5 +210,10 @@ def main() -> None:
         sys.exit(exc.exit_code)
 
 
+# Serving, signing and key commands live in their own module.
+from edgec.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(cli)
+
 if __name__ == "__main__":
     main()

@@ -45,28 +45,39 @@ class Package:
         return resolve_inside(self.root, relative)
 
 
-def read_manifest(root: Path) -> Manifest:
-    """Parse ``root/manifest.json`` without checking the files it lists."""
+def read_manifest(root: Path, raw: bytes | None = None) -> Manifest:
+    """Parse ``root/manifest.json`` (or its already-read bytes ``raw``) without checking files."""
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
         raise PackageError(f"package {str(root)!r} is not a directory")
-    if not manifest_path.is_file():
+    if raw is None and not manifest_path.is_file():
         raise PackageError(f"package {str(root)!r} has no {MANIFEST_NAME}")
     try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        text = manifest_path.read_text(encoding="utf-8") if raw is None else raw.decode("utf-8")
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackageError(f"{manifest_path}: not valid JSON ({exc})") from exc
     return Manifest.from_json(data)
 
 
-def read_package(path: str | Path, *, verify: bool = True) -> Package:
+def read_package(
+    path: str | Path, *, verify: bool = True, public_key: str | Path | None = None
+) -> Package:
     """Load a package's manifest and check it.
 
     Checks the format version, that every path stays inside the package, that every stage file
-    is listed in ``files``, and (``verify``) every file's sha256.
+    is listed in ``files``, and (``verify``) every file's sha256. With ``public_key``, the
+    manifest must first carry a valid Ed25519 signature by that key (``SignatureError``).
     """
     root = Path(path)
-    manifest = read_manifest(root)
+    raw = None
+    if public_key is not None:
+        if not root.is_dir():
+            raise PackageError(f"package {str(root)!r} is not a directory")
+        from edgec.runtimes.signing import verify_manifest
+
+        raw = verify_manifest(root, Path(public_key))  # parse the very bytes that verified
+    manifest = read_manifest(root, raw)
     listed = dict(manifest.files)
     for stage in manifest.stages:
         if listed.get(stage.file, stage.sha256) != stage.sha256:

@@ -143,6 +143,16 @@ class Runtime:
         self.close()
 
 
-def load_package(path: str | Path, *, backend: str = "local", **backend_options: Any) -> Runtime:
-    """Verify the package at ``path`` (format version, paths, sha256) and open it for running."""
-    return Runtime(read_package(path), backend=backend, **backend_options)
+def load_package(
+    path: str | Path,
+    *,
+    backend: str = "local",
+    public_key: str | Path | None = None,
+    **backend_options: Any,
+) -> Runtime:
+    """Verify the package at ``path`` (format version, paths, sha256) and open it for running.
+
+    With ``public_key`` (an Ed25519 PEM), refuse a package whose manifest is unsigned or whose
+    signature does not verify (``SignatureError``).
+    """
+    return Runtime(read_package(path, public_key=public_key), backend=backend, **backend_options)

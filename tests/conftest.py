@@ -67,3 +67,61 @@ def bert_package(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str
     path = tmp_path_factory.mktemp("packages") / "bert"
     export(tiny_models["bert"], path)
     return path
+
+
+# --- serving (issue 5) --------------------------------------------------------------------
+
+
+class RunningServer:
+    """A real uvicorn server on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app, *, tls_cert=None, tls_key=None):  # type: ignore[no-untyped-def]
+        import threading
+
+        import uvicorn
+        from edgec.runtimes.server import bind
+
+        self.app = app
+        self._sock = bind("127.0.0.1", 0)
+        port = self._sock.getsockname()[1]
+        scheme = "https" if tls_cert else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{port}"
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            timeout_graceful_shutdown=10,
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+
+    def __enter__(self) -> RunningServer:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
+
+
+@pytest.fixture(scope="session")
+def minilm_server(minilm_package: Path):  # type: ignore[no-untyped-def]
+    """minilm served with dynamic batching (max batch 8, 5 ms), shared by the server tests."""
+    from edgec.runtimes.server import ServerConfig, load_app
+
+    config = ServerConfig(max_batch=8, max_delay_ms=5, max_body_bytes=1 << 20)
+    with RunningServer(load_app(minilm_package, config)) as server:
+        yield server
