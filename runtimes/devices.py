@@ -9,12 +9,15 @@ A profile file is YAML::
 
 with optional measured fields per device (``edgec profile-device`` writes them):
 ``gflops_fp32`` and ``gops_int8`` (matmul throughput, 1e9 operations/s), ``memory_gbps``
-(elementwise traffic, 1e9 bytes/s) and ``op_overhead_us`` (fixed cost per operator, µs).
+(elementwise traffic, 1e9 bytes/s) and ``op_overhead_us`` (fixed cost per operator, µs), and
+``matmul_fp32_curve`` / ``matmul_int8_curve``: ``[[mflop, gflops], ...]`` pairs, the speed
+measured per matmul size (small matmuls run far below the peak).
 Torch-free: the planner and the device both read it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ MB = 1_000_000  # memory_mb counts decimal megabytes, as package sizes do
 # Used only where a profile states no measurement; the plan reports that it assumed them.
 ASSUMED = {"gflops_fp32": 20.0, "gops_int8": 40.0, "memory_gbps": 5.0, "op_overhead_us": 5.0}
 ASSUMED_LINK = {"bandwidth_mbps": 1000.0, "latency_ms": 0.1}
-_DEVICE_KEYS = {"name", "providers", "threads", "memory_mb", *ASSUMED}
+CURVES = {"gflops_fp32": "matmul_fp32_curve", "gops_int8": "matmul_int8_curve"}
+_DEVICE_KEYS = {"name", "providers", "threads", "memory_mb", *ASSUMED, *CURVES.values()}
 _LINK_KEYS = {"between", "bandwidth_mbps", "latency_ms"}
 
 
@@ -52,6 +56,8 @@ class DeviceProfile:
     gops_int8: float | None = None
     memory_gbps: float | None = None
     op_overhead_us: float | None = None
+    matmul_fp32_curve: tuple[tuple[float, float], ...] = ()
+    matmul_int8_curve: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -62,6 +68,27 @@ class DeviceProfile:
             raise DeviceError(f"device {self.name!r}: threads must be an integer >= 0")
         for key in ("memory_mb", *ASSUMED):
             _positive(f"device {self.name!r}", key, getattr(self, key))
+        for key in CURVES.values():
+            for point in getattr(self, key):
+                if len(point) != 2 or min(point) <= 0:
+                    raise DeviceError(
+                        f"device {self.name!r}: {key} needs [mflop, gflops] pairs > 0, got {point!r}"
+                    )
+
+    def matmul_speed(self, key: str, flops: float) -> float:
+        """1e9 operations/s of a matmul of ``flops`` operations: the measured curve
+        interpolated in log size, else the single figure ``key``."""
+        curve = sorted(getattr(self, CURVES[key]))
+        if not curve:
+            return self.speed(key)
+        mflop = max(flops / 1e6, 1e-9)
+        if mflop <= curve[0][0]:
+            return curve[0][1]
+        for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+            if mflop <= x1:
+                t = (math.log(mflop) - math.log(x0)) / (math.log(x1) - math.log(x0))
+                return y0 + t * (y1 - y0)
+        return curve[-1][1]
 
     def speed(self, key: str) -> float:
         """A measured figure, or the stated assumption when the profile has none."""
@@ -84,10 +111,11 @@ class DeviceProfile:
             "memory_mb": self.memory_mb,
         }
         data.update({k: getattr(self, k) for k in ASSUMED if getattr(self, k) is not None})
+        data.update({k: [list(p) for p in getattr(self, k)] for k in CURVES.values() if getattr(self, k)})
         return data
 
     def to_device_info(self) -> DeviceInfo:
-        extra = {k: getattr(self, k) for k in ASSUMED if getattr(self, k) is not None}
+        extra = {k: v for k, v in self.to_json().items() if k in ASSUMED or k in CURVES.values()}
         return DeviceInfo(self.name, self.providers, self.threads, self.memory_mb, extra)
 
     @classmethod
@@ -105,6 +133,7 @@ class DeviceProfile:
             threads=data.get("threads", 0),
             memory_mb=data.get("memory_mb"),
             **{k: data.get(k) for k in ASSUMED},
+            **{k: tuple(tuple(float(x) for x in p) for p in data.get(k) or ()) for k in CURVES.values()},
         )
 
 
