@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,12 +55,17 @@ def plan_model(
     inputs: Sequence[TensorInfo],
     devices: DeviceSet,
     strategy: str = "auto",
-    objective: Objective = "latency",
+    objective: Objective | None = None,
     *,
     batch: int = PLANNING_BATCH,
     sequence: int = PLANNING_SEQUENCE,
 ) -> tuple[Plan, GraphProfile]:
-    """Analyse ``model`` at (``batch``, ``sequence``) and plan it over ``devices``."""
+    """Analyse ``model`` at (``batch``, ``sequence``) and plan it over ``devices``.
+
+    ``objective`` defaults to throughput for ``pipeline`` (a pipeline exists to overlap
+    requests) and to latency otherwise.
+    """
+    objective = objective or ("throughput" if strategy == "pipeline" else "latency")
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     if strategy not in STRATEGIES:
         raise ExportError(f"unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}")
@@ -68,25 +73,25 @@ def plan_model(
     return make_plan(Context(graph, devices, objective), strategy), graph
 
 
-def lossless_error(
-    reference: Path, partitioned: Path, inputs: Sequence[TensorInfo], shapes: Sequence[tuple[int, int]]
-) -> float:
-    """Max abs difference of every output, partitioned package against whole-graph package."""
-    from edgec.runtimes import Runtime
+def _lossless_feeds(inputs: Sequence[TensorInfo]) -> list[dict[str, np.ndarray]]:
+    """Two input sets (batch 1 and 3) with varied token ids, for the lossless check."""
+    shapes = [(1, 8), (3, 16)] if any(len(t.shape) == 2 for t in inputs) else [(1, 1), (3, 1)]
+    cases = []
+    for batch, sequence in shapes:
+        feeds = planning_feeds(inputs, batch, sequence)
+        if "input_ids" in feeds:  # vary the tokens so that no row is constant by accident
+            ids = feeds["input_ids"]
+            feeds["input_ids"] = (np.arange(ids.size).reshape(ids.shape) % 97 + 1).astype(ids.dtype)
+        cases.append(feeds)
+    return cases
 
-    worst = 0.0
-    whole = Runtime(read_package(reference, verify=False))
-    split = Runtime(read_package(partitioned))
-    with whole, split:
-        for batch, sequence in shapes:
-            feeds = planning_feeds(inputs, batch, sequence)
-            if "input_ids" in feeds:  # vary the tokens so that no row is constant by accident
-                ids = feeds["input_ids"]
-                feeds["input_ids"] = (np.arange(ids.size).reshape(ids.shape) % 97 + 1).astype(ids.dtype)
-            expected, actual = whole.run(feeds), split.run(feeds)
-            for name, value in expected.items():
-                worst = max(worst, float(np.max(np.abs(actual[name] - value))))
-    return worst
+
+def _whole_outputs(path: Path, cases: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, feeds), strict=True)) for feeds in cases]
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,57 @@ def partition_into(
     )
 
 
-def lossless_shapes(inputs: Sequence[TensorInfo]) -> list[tuple[int, int]]:
-    return [(1, 8), (3, 16)] if any(len(t.shape) == 2 for t in inputs) else [(1, 1), (3, 1)]
+def partition_staged(
+    root: Path,
+    devices: DeviceSet,
+    strategy: str = "auto",
+    objective: Objective | None = None,
+    *,
+    batch: int = PLANNING_BATCH,
+    sequence: int = PLANNING_SEQUENCE,
+    tolerance: float = LOSSLESS_TOLERANCE,
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[Manifest, Plan, float]:
+    """Partition the single-stage package being built in ``root`` (manifest written) in place.
+
+    Raises ``ExportError`` when the partitioned package's outputs differ from the whole graph's
+    by more than ``tolerance`` (max abs). Returns the new manifest, the plan and the error.
+    """
+    from edgec.runtimes import Runtime
+
+    step = on_step or (lambda _: None)
+    package = read_package(root)
+    manifest = package.manifest
+    if len(manifest.stages) != 1:
+        raise ExportError(
+            f"package has {len(manifest.stages)} stages already; partition the single-stage "
+            "package it came from"
+        )
+    whole = manifest.stages[0].file
+    step(f"planning: {strategy} over {[d.name for d in devices.devices]}")
+    plan, graph = plan_model(
+        package.path(whole), manifest.inputs, devices, strategy, objective, batch=batch, sequence=sequence
+    )
+    cases = _lossless_feeds(manifest.inputs)
+    expected = _whole_outputs(package.path(whole), cases)
+    step(f"writing {len(plan.stages)} stage(s)")
+    new = partition_into(root, manifest, whole, plan, graph, devices)
+    write_manifest(root, new)
+    step("checking the partitioned package against the whole graph")
+    error = 0.0
+    with Runtime(read_package(root)) as split:
+        for feeds, reference in zip(cases, expected, strict=True):
+            actual = split.run(feeds)
+            for name, value in reference.items():
+                error = max(error, float(np.max(np.abs(actual[name] - value))))
+    if error > tolerance:
+        raise ExportError(
+            f"partitioned package differs from the whole graph by {error:.3g} (max abs); "
+            f"tolerance {tolerance:g}"
+        )
+    new = replace(new, parity={**new.parity, "partition_max_abs_error": error})
+    write_manifest(root, new)
+    return new, plan, error
 
 
 def partition_package(
@@ -135,7 +189,7 @@ def partition_package(
     output: str | os.PathLike[str],
     devices: DeviceSet,
     strategy: str = "auto",
-    objective: Objective = "latency",
+    objective: Objective | None = None,
     *,
     batch: int = PLANNING_BATCH,
     sequence: int = PLANNING_SEQUENCE,
@@ -147,32 +201,16 @@ def partition_package(
     it is swapped in; on failure ``output`` is left as it was.
     """
     package = read_package(source)
-    manifest = package.manifest
-    if len(manifest.stages) != 1:
-        raise ExportError(
-            f"package {str(source)!r} already has {len(manifest.stages)} stages; "
-            "partition the single-stage package it came from"
-        )
-    whole = manifest.stages[0].file
-    plan, graph = plan_model(
-        package.path(whole), manifest.inputs, devices, strategy, objective, batch=batch, sequence=sequence
-    )
     with staging(Path(output)) as root:
-        for relative in manifest.files:
+        for relative in package.manifest.files:
             target = root / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(package.path(relative), target)
-        new = partition_into(root, manifest, whole, plan, graph, devices)
-        write_manifest(root, new)
-        error = lossless_error(package.root, root, manifest.inputs, lossless_shapes(manifest.inputs))
-        if error > tolerance:
-            raise ExportError(
-                f"partitioned package differs from the whole graph by {error:.3g} (max abs); "
-                f"tolerance {tolerance:g}"
-            )
-        new = replace(new, parity={**new.parity, "partition_max_abs_error": error})
-        write_manifest(root, new)
-    return PartitionResult(Path(output), new, plan, error)
+        write_manifest(root, package.manifest)
+        manifest, plan, error = partition_staged(
+            root, devices, strategy, objective, batch=batch, sequence=sequence, tolerance=tolerance
+        )
+    return PartitionResult(Path(output), manifest, plan, error)
 
 
 __all__ = [
@@ -182,6 +220,7 @@ __all__ = [
     "analyse",
     "partition_into",
     "partition_package",
+    "partition_staged",
     "plan_model",
     "planning_feeds",
 ]

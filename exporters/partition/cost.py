@@ -15,7 +15,7 @@ def node_ms(node: NodeCost, device: DeviceProfile) -> float:
     """Predicted time of one node on ``device``, in ms."""
     if node.op_type == "Constant":
         return 0.0
-    speed = device.speed("gops_int8" if node.int8 else "gflops_fp32")
+    speed = device.matmul_speed("gops_int8" if node.int8 else "gflops_fp32", node.flops)
     compute = node.flops / (speed * 1e9) * 1e3
     memory = node.bytes_touched / (device.speed("memory_gbps") * 1e9) * 1e3
     return compute + memory + device.speed("op_overhead_us") / 1e3
