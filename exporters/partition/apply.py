@@ -18,6 +18,19 @@ from edgec.exporters.partition.graph import GraphProfile
 from edgec.exporters.partition.plan import Plan, StagePlan
 
 
+def typed(model: onnx.ModelProto, graph: GraphProfile) -> onnx.ModelProto:
+    """Shape-inferred copy in which every value has a type: where onnx's inference stops
+    (e.g. after DequantizeLinear), the element type and rank measured by ``analyse``."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    for name, (elem_type, rank) in graph.tensor_types.items():
+        if name not in known:
+            inferred.graph.value_info.append(
+                onnx.helper.make_tensor_value_info(name, elem_type, [None] * rank)
+            )
+    return inferred
+
+
 def extract_stage(model: onnx.ModelProto, stage: StagePlan) -> onnx.ModelProto:
     """The nodes between ``stage.inputs`` and ``stage.outputs`` as a checked ONNX model."""
     extractor = onnx.utils.Extractor(model)
@@ -26,7 +39,7 @@ def extract_stage(model: onnx.ModelProto, stage: StagePlan) -> onnx.ModelProto:
         sub.graph.name = stage.name
         sub.ir_version = model.ir_version
         onnx.checker.check_model(sub, full_check=True)
-    except (KeyError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (KeyError, ValueError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"stage {stage.name!r} does not form a valid ONNX model: {exc}") from exc
     return sub
 
@@ -39,6 +52,7 @@ def write_stages(
     ``whole_file`` is the unpartitioned model's file inside ``root`` (data-parallel stages
     and single-stage plans use it as it is).
     """
+    model = typed(model, graph) if plan.strategy == "pipeline" else model
     stages: list[StageInfo] = []
     made_by: dict[str, str] = {}
     edges: list[dict[str, Any]] = []

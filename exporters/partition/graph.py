@@ -52,6 +52,7 @@ class GraphProfile:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     feeds_shape: dict[str, tuple[int, ...]]
+    tensor_types: dict[str, tuple[int, int]]  # value -> (ONNX element type, rank)
 
     def crossing(self, cut: int) -> list[str]:
         """Values made before position ``cut`` (or model inputs) and needed at or after it."""
@@ -142,9 +143,11 @@ def analyse(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> GraphPro
         raise ExportError(f"cannot run the graph to measure it: {exc}") from exc
     shapes: dict[str, tuple[int, ...]] = {}
     sizes: dict[str, int] = {}
+    types: dict[str, tuple[int, int]] = {}
     for name, value in zip([*outputs, *names], values, strict=True):
         array = np.asarray(value)
         shapes[name], sizes[name] = tuple(array.shape), int(array.nbytes)
+        types[name] = (onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.ndim)
     for name, value in feeds.items():
         shapes[name], sizes[name] = tuple(value.shape), int(value.nbytes)
     producers: dict[str, int] = {}
@@ -192,4 +195,5 @@ def analyse(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> GraphPro
         inputs=tuple(i.name for i in graph.input if i.name not in params),
         outputs=tuple(o.name for o in graph.output),
         feeds_shape={k: tuple(v.shape) for k, v in feeds.items()},
+        tensor_types=types,
     )
