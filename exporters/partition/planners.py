@@ -229,32 +229,42 @@ def plan_pipeline(ctx: Context) -> Plan:
 
 
 def plan_data(ctx: Context) -> Plan:
-    """The whole model on every device that holds it, the batch split by device speed."""
+    """The whole model on every device that holds it, the batch split by device speed.
+
+    Rows are whole: at the planning batch a device may get none (at batch 1, one device runs
+    it all), and the prediction says so.
+    """
+    from edgec.runtimes.executor import batch_slices
+
     whole = {d.name: ctx.costs.segment_ms(d.name, 0, ctx.size) for d in ctx.devices.devices}
-    usable = [d for d in ctx.devices.devices if ctx.fits(d, 0, ctx.size, 0.0)]
+    batch = max((v[0] for v in ctx.graph.feeds_shape.values() if v), default=1)
+    usable = [d for d in ctx.devices.devices if ctx.fits(d, 0, ctx.size, 1.0 / batch)]
     if not usable:
         raise _too_big(ctx, list(ctx.devices.devices), "data-parallel")
-    rate = {d.name: 1.0 / whole[d.name] for d in usable}
-    total = sum(rate.values())
+    usable.sort(key=lambda d: whole[d.name])
+    total = sum(1.0 / whole[d.name] for d in usable)
+    shares = [1.0 / whole[d.name] / total for d in usable]
+    rows = [hi - lo for lo, hi in batch_slices(shares, batch)]
     io_bytes = sum(ctx.graph.tensor_bytes[t] for t in (*ctx.graph.inputs, *ctx.graph.outputs))
     coordinator = usable[0].name
     stages = []
-    for index, device in enumerate(usable):
-        share = rate[device.name] / total
-        hop = ctx.devices.transfer_ms(coordinator, device.name, io_bytes * share)
+    for index, (device, share, count) in enumerate(zip(usable, shares, rows, strict=True)):
+        part = count / batch
+        if not ctx.fits(device, 0, ctx.size, part):
+            raise _too_big(ctx, [device], "data-parallel")
         stage = _stage(ctx, index, device.name, 0, ctx.size, None)
         stages.append(
             replace(
                 stage,
-                memory_bytes=ctx.memory_bytes(0, ctx.size, share),
-                predicted_ms=whole[device.name] * share,
-                transfer_in_ms=hop,
+                memory_bytes=ctx.memory_bytes(0, ctx.size, part),
+                predicted_ms=whole[device.name] * part,
+                transfer_in_ms=ctx.devices.transfer_ms(coordinator, device.name, io_bytes * part),
                 batch_share=share,
             )
         )
     slowest = max(s.predicted_ms + s.transfer_in_ms for s in stages)
     left_out = [d.name for d in ctx.devices.devices if d not in usable]
-    reason = "batch split in proportion to each device's predicted speed"
+    reason = f"batch split in proportion to each device's predicted speed ({batch} row(s) planned)"
     if left_out:
         reason += f"; {left_out} cannot hold the whole model"
     return Plan(
