@@ -207,9 +207,9 @@ def inspect(package: Path, as_json: bool) -> None:
         )
 
 
-from edgec import cli_devices  # noqa: E402  (registers profile-device, plan, partition, join)
+from edgec.cli_devices import register as _register_device_commands  # noqa: E402
 
-del cli_devices
+_register_device_commands(cli)  # profile-device, plan, partition, join
 
 
 def main() -> None:

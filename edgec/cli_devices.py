@@ -12,9 +12,18 @@ from pathlib import Path
 
 import click
 
-from edgec.cli import cli, emit_json, progress
 from edgec.errors import DeviceError, SourceError
-from edgec.table import format_table, human_bytes
+from edgec.table import format_table
+
+
+def progress(message: str) -> None:
+    click.echo(f"• {message}", err=True)
+
+
+def emit_json(data: object) -> None:
+    from edgec.cli import emit_json as emit
+
+    emit(data)
 
 STRATEGY = click.Choice(["auto", "pipeline", "data", "single"])
 OBJECTIVE = click.Choice(["latency", "throughput"])
@@ -50,7 +59,7 @@ def _load(devices: Path | None):  # type: ignore[no-untyped-def]
     return load_devices(devices)
 
 
-@cli.command("profile-device")
+@click.command("profile-device")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="YAML to write.")
 @click.option("--name", default=None, help="Device name [default: the host name].")
 @click.option("--threads", default=1, show_default=True, help="onnxruntime threads to measure with.")
@@ -100,7 +109,7 @@ def _onnx_and_inputs(source: str, workdir: Path):  # type: ignore[no-untyped-def
     return target, spec.inputs
 
 
-@cli.command("plan")
+@click.command("plan")
 @click.argument("source")
 @device_options
 @click.option("--batch", default=1, show_default=True, help="Batch size the plan is made for.")
@@ -138,7 +147,7 @@ def plan_command(
         click.echo(plan.format())
 
 
-@cli.command("partition")
+@click.command("partition")
 @click.argument("package", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 @device_options
@@ -173,7 +182,7 @@ def ray_start_args(device: str, address: str | None, head: bool, port: int, num_
     return args
 
 
-@cli.command("join")
+@click.command("join")
 @click.option("--device", required=True, help="The device name the stages ask for.")
 @click.option("--address", default=None, help="The cluster head, HOST:PORT.")
 @click.option("--head", is_flag=True, help="Start the cluster here (this device is the head).")
@@ -197,4 +206,10 @@ def join_command(
     click.echo(f"device {device!r} joined: stages placed on {device!r} now run here")
 
 
-__all__ = ["device_options", "human_bytes", "ray_start_args"]
+COMMANDS = (profile_device_command, plan_command, partition_command, join_command)
+
+
+def register(group: click.Group) -> None:
+    """Add the device commands to the ``edgec`` group."""
+    for command in COMMANDS:
+        group.add_command(command)
