@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -44,7 +45,7 @@ def median_ms(call, repeats: int, warmup: int = 3) -> float:  # type: ignore[no-
     return float(np.median(times))
 
 
-def stage_times(package: Path, feeds: dict, repeats: int) -> list[dict]:  # type: ignore[type-arg]
+def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[dict]:  # type: ignore[type-arg]
     runtime = load_package(package)
     backend = runtime._backend  # measure each stage alone, on its own session
     tensors = dict(feeds)
@@ -56,7 +57,7 @@ def stage_times(package: Path, feeds: dict, repeats: int) -> list[dict]:  # type
         predicted = float(stage.extra["predicted_ms"])
         rows.append(
             {
-                "stage": stage.name,
+                "stage": f"{label} {stage.name}",
                 "device": stage.device,
                 "nodes": stage.extra["nodes"],
                 "predicted_ms": round(predicted, 3),
@@ -111,7 +112,9 @@ def ray_hops(package: Path, feeds: dict, repeats: int) -> dict:  # type: ignore[
 
 def markdown(result: dict) -> str:  # type: ignore[type-arg]
     lines = [
-        f"Measured on {result['machine']} with `{result['command']}`.",
+        f"Measured on {result['machine']} with `{result['command']}`; 1-minute load average "
+        f"{result['load_average_1min'][0]} before and {result['load_average_1min'][1]} after the "
+        "timings (other work on the machine).",
         "",
         "| what | predicted | measured | |",
         "| --- | --- | --- | --- |",
@@ -160,15 +163,17 @@ def main() -> None:
     feeds = planning_feeds(inputs, 1, 128)
     feeds["input_ids"] = (np.arange(128, dtype=np.int64).reshape(1, 128) % 90) + 1000
     print("• timing stages")
-    stages = stage_times(work / "pipeline", feeds, args.repeats)
-    stages += stage_times(work / "single", feeds, args.repeats)
+    load_before = os.getloadavg()[0]
+    stages = stage_times(work / "pipeline", feeds, args.repeats, "pipeline")
+    stages += stage_times(work / "single", feeds, args.repeats, "whole model,")
     print(f"• streaming {args.requests} requests")
     requests = [feeds] * args.requests
     single_s = stream_seconds(work / "single", requests, pipelined=False)
     pipeline_s = stream_seconds(work / "pipeline", requests, pipelined=True)
     result = {
         "command": "python benchmarks/partition.py --out " + str(args.out),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores (shared)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "profile": me.to_json(),
         "plan": piped.plan.to_json(),
         "stages": stages,

@@ -52,23 +52,45 @@ def cli() -> None:
     help="Package directory to write.",
 )
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
-@click.option("--devices", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Device profiles (YAML): partition the package over them.")
-@click.option("--strategy", type=click.Choice(["auto", "pipeline", "data", "single"]),
-              default="auto", show_default=True, help="How to partition (with --devices).")
-@click.option("--objective", type=click.Choice(["latency", "throughput"]), default=None,
-              help="What the plan minimises [default: throughput for pipeline, else latency].")
+@click.option(
+    "--devices",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Device profiles (YAML): partition the package over them.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "pipeline", "data", "single"]),
+    default="auto",
+    show_default=True,
+    help="How to partition (with --devices).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["latency", "throughput"]),
+    default=None,
+    help="What the plan minimises [default: throughput for pipeline, else latency].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(
-    source: str, output: Path, opset: int, devices: Path | None, strategy: str,
-    objective: str | None, as_json: bool,
+    source: str,
+    output: Path,
+    opset: int,
+    devices: Path | None,
+    strategy: str,
+    objective: str | None,
+    as_json: bool,
 ) -> None:
     """Export SOURCE (a built-in name or model directory) to a package."""
     from edgec.exporters import export as export_package
 
     result = export_package(
-        source, output, opset=opset, on_step=progress, devices=devices, strategy=strategy,
-        objective=objective,  # type: ignore[arg-type]
+        source,
+        output,
+        opset=opset,
+        on_step=progress,
+        devices=devices,
+        strategy=strategy,
+        objective=objective,
     )
     manifest = result.manifest
     if as_json:

@@ -8,11 +8,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edgec.errors import DeviceError, SourceError
+
+if TYPE_CHECKING:
+    from edgec.runtimes.devices import DeviceSet
+    from edgec.runtimes.manifest import TensorInfo
 from edgec.table import format_table
 
 
@@ -25,11 +31,12 @@ def emit_json(data: object) -> None:
 
     emit(data)
 
+
 STRATEGY = click.Choice(["auto", "pipeline", "data", "single"])
 OBJECTIVE = click.Choice(["latency", "throughput"])
 
 
-def device_options(command: click.Command) -> click.Command:
+def device_options(command: Callable[..., None]) -> Callable[..., None]:
     """--devices, --strategy and --objective, shared by export, plan and partition."""
     for option in reversed(
         [
@@ -51,7 +58,7 @@ def device_options(command: click.Command) -> click.Command:
     return command
 
 
-def _load(devices: Path | None):  # type: ignore[no-untyped-def]
+def _load(devices: Path | None) -> DeviceSet:
     from edgec.runtimes.devices import load_devices
 
     if devices is None:
@@ -60,10 +67,16 @@ def _load(devices: Path | None):  # type: ignore[no-untyped-def]
 
 
 @click.command("profile-device")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="YAML to write.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="YAML to write."
+)
 @click.option("--name", default=None, help="Device name [default: the host name].")
-@click.option("--threads", default=1, show_default=True, help="onnxruntime threads to measure with.")
-@click.option("--memory-mb", type=float, default=None, help="Memory budget [default: available memory].")
+@click.option(
+    "--threads", default=1, show_default=True, help="onnxruntime threads to measure with."
+)
+@click.option(
+    "--memory-mb", type=float, default=None, help="Memory budget [default: available memory]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
 def profile_device_command(
     output: Path, name: str | None, threads: int, memory_mb: float | None, as_json: bool
@@ -87,7 +100,7 @@ def profile_device_command(
     click.echo(format_table(["field", "value"], rows, title=f"wrote {output}"))
 
 
-def _onnx_and_inputs(source: str, workdir: Path):  # type: ignore[no-untyped-def]
+def _onnx_and_inputs(source: str, workdir: Path) -> tuple[Path, tuple[TensorInfo, ...]]:
     """A package, an .onnx file or a model source -> (ONNX path, model inputs)."""
     from edgec.runtimes.package import read_package
 
@@ -135,7 +148,13 @@ def plan_command(
         onnx_path, inputs = _onnx_and_inputs(source, workdir)
         progress("measuring the graph and planning")
         plan, _ = plan_model(
-            onnx_path, inputs, profiles, strategy, objective, batch=batch, sequence=sequence  # type: ignore[arg-type]
+            onnx_path,
+            inputs,
+            profiles,
+            strategy,
+            objective,
+            batch=batch,
+            sequence=sequence,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -153,24 +172,37 @@ def plan_command(
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def partition_command(
-    package: Path, output: Path, devices: Path | None, strategy: str, objective: str | None, as_json: bool
+    package: Path,
+    output: Path,
+    devices: Path | None,
+    strategy: str,
+    objective: str | None,
+    as_json: bool,
 ) -> None:
     """Partition an exported (or compressed) single-stage PACKAGE over devices into OUTPUT."""
     from edgec.exporters.partition import partition_package
 
-    result = partition_package(package, output, _load(devices), strategy, objective)  # type: ignore[arg-type]
+    result = partition_package(package, output, _load(devices), strategy, objective)
     if as_json:
-        emit_json({"package": str(output), "plan": result.plan.to_json(), "max_abs_error": result.max_abs_error})
+        emit_json(
+            {
+                "package": str(output),
+                "plan": result.plan.to_json(),
+                "max_abs_error": result.max_abs_error,
+            }
+        )
         return
     click.echo(result.plan.format())
     click.echo(f"partitioned vs whole graph: max abs error {result.max_abs_error:.3g}")
 
 
-def ray_start_args(device: str, address: str | None, head: bool, port: int, num_cpus: int | None) -> list[str]:
+def ray_start_args(
+    device: str, address: str | None, head: bool, port: int, num_cpus: int | None
+) -> list[str]:
     """The ``ray start`` command line for a device joining (or heading) a cluster."""
     from edgec.runtimes.ray_backend import device_resource
 
-    args = ["ray", "start", f"--resources={{\"{device_resource(device)}\": 1}}"]
+    args = ["ray", "start", f'--resources={{"{device_resource(device)}": 1}}']
     if head:
         args += ["--head", f"--port={port}", "--include-dashboard=false"]
     elif address:
@@ -202,7 +234,9 @@ def join_command(
     progress(" ".join(args))
     completed = subprocess.run(args, check=False)
     if completed.returncode != 0:
-        raise DeviceError(f"`ray start` failed with exit code {completed.returncode} for device {device!r}")
+        raise DeviceError(
+            f"`ray start` failed with exit code {completed.returncode} for device {device!r}"
+        )
     click.echo(f"device {device!r} joined: stages placed on {device!r} now run here")
 
 

@@ -39,7 +39,9 @@ def register_aggregation(name: str, function: Aggregate) -> None:
     AGGREGATIONS[name] = function
 
 
-def aggregate(kind: str, parts: Sequence[np.ndarray], options: dict[str, Any] | None = None) -> np.ndarray:
+def aggregate(
+    kind: str, parts: Sequence[np.ndarray], options: dict[str, Any] | None = None
+) -> np.ndarray:
     """Combine ``parts`` with the aggregation named ``kind``."""
     if kind not in AGGREGATIONS:
         raise PackageError(f"unknown aggregation {kind!r}; known: {sorted(AGGREGATIONS)}")

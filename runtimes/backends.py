@@ -72,10 +72,12 @@ class LocalBackend:
 
 
 BackendFactory = Callable[..., Backend]
+
+
 def _ray_backend(package: Package, **options: object) -> Backend:
     from edgec.runtimes.ray_backend import RayBackend  # imports ray only when asked for
 
-    return RayBackend(package, **options)  # type: ignore[arg-type]
+    return RayBackend(package, **options)
 
 
 BACKENDS: dict[str, BackendFactory] = {"local": LocalBackend, "ray": _ray_backend}

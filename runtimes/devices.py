@@ -17,6 +17,7 @@ Torch-free: the planner and the device both read it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,13 @@ def _positive(owner: str, key: str, value: Any, *, allow_none: bool = True) -> f
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise DeviceError(f"{owner}: {key} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _curve(points: Any) -> tuple[tuple[float, float], ...]:
+    try:
+        return tuple((float(mflop), float(speed)) for mflop, speed in points or ())
+    except (TypeError, ValueError):
+        raise DeviceError(f"a matmul curve needs [mflop, gflops] pairs, got {points!r}") from None
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class DeviceProfile:
         mflop = max(flops / 1e6, 1e-9)
         if mflop <= curve[0][0]:
             return curve[0][1]
-        for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        for (x0, y0), (x1, y1) in itertools.pairwise(curve):
             if mflop <= x1:
                 t = (math.log(mflop) - math.log(x0)) / (math.log(x1) - math.log(x0))
                 return y0 + t * (y1 - y0)
@@ -111,7 +119,9 @@ class DeviceProfile:
             "memory_mb": self.memory_mb,
         }
         data.update({k: getattr(self, k) for k in ASSUMED if getattr(self, k) is not None})
-        data.update({k: [list(p) for p in getattr(self, k)] for k in CURVES.values() if getattr(self, k)})
+        data.update(
+            {k: [list(p) for p in getattr(self, k)] for k in CURVES.values() if getattr(self, k)}
+        )
         return data
 
     def to_device_info(self) -> DeviceInfo:
@@ -132,8 +142,12 @@ class DeviceProfile:
             providers=tuple(data.get("providers", ("CPUExecutionProvider",))),
             threads=data.get("threads", 0),
             memory_mb=data.get("memory_mb"),
-            **{k: data.get(k) for k in ASSUMED},
-            **{k: tuple(tuple(float(x) for x in p) for p in data.get(k) or ()) for k in CURVES.values()},
+            gflops_fp32=data.get("gflops_fp32"),
+            gops_int8=data.get("gops_int8"),
+            memory_gbps=data.get("memory_gbps"),
+            op_overhead_us=data.get("op_overhead_us"),
+            matmul_fp32_curve=_curve(data.get("matmul_fp32_curve")),
+            matmul_int8_curve=_curve(data.get("matmul_int8_curve")),
         )
 
 

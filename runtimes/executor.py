@@ -122,7 +122,9 @@ class Executor:
                 queues[index + 1].put((number, tensors, error))
             queues[index + 1].put(_STOP)
 
-        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(stages))]
+        threads = [
+            threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(stages))
+        ]
         for thread in threads:
             thread.start()
         for number, feeds in enumerate(items):
@@ -151,5 +153,3 @@ def execute(manifest: Manifest, backend: Backend, feeds: Feeds) -> Feeds:
         return executor.run(feeds)
     finally:
         executor.close()
-
-

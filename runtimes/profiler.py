@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,8 @@ def profile_device(
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         qa = rng.integers(0, 255, (m, k), dtype=np.uint8)
         qb = rng.integers(-127, 127, (k, n), dtype=np.int8)
-        fp32_ms = _median_ms(lambda a=a, b=b: fp32.run(None, {"a": a, "b": b}), repeats)
-        int8_ms = _median_ms(lambda a=qa, b=qb: int8.run(None, {"a": a, "b": b}), repeats)
+        fp32_ms = _median_ms(partial(fp32.run, None, {"a": a, "b": b}), repeats)
+        int8_ms = _median_ms(partial(int8.run, None, {"a": qa, "b": qb}), repeats)
         curves["fp32"].append((flops / 1e6, round(flops / (fp32_ms * 1e-3) / 1e9, 3)))
         curves["int8"].append((flops / 1e6, round(flops / (int8_ms * 1e-3) / 1e9, 3)))
     headline = CURVE_SHAPES.index(MATMUL_SHAPE)

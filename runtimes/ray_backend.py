@@ -147,4 +147,3 @@ class RayBackend:
             self._ray.kill(actor, no_restart=True)
         self._actors.clear()
         self._files.clear()
-

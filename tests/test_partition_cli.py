@@ -33,8 +33,16 @@ def _fast_pair(tmp_path: Path, memory_mb: float | None = None) -> Path:
 
 
 def test_plan_prints_stages_cuts_and_predictions(bert_package, tmp_path):
-    result = edgec("plan", str(bert_package), "--devices", str(_fast_pair(tmp_path)),
-                   "--strategy", "pipeline", "--save", str(tmp_path / "plan.json"))
+    result = edgec(
+        "plan",
+        str(bert_package),
+        "--devices",
+        str(_fast_pair(tmp_path)),
+        "--strategy",
+        "pipeline",
+        "--save",
+        str(tmp_path / "plan.json"),
+    )
     assert result.returncode == 0, result.stderr
     for word in ("stage0", "stage1", "GFLOP", "params", "tensors", "bytes", "predicted:"):
         assert word in result.stdout
@@ -45,8 +53,17 @@ def test_plan_prints_stages_cuts_and_predictions(bert_package, tmp_path):
 
 def test_export_with_devices_writes_a_partitioned_package(tiny_models, tmp_path):
     package = tmp_path / "pkg"
-    result = edgec("export", str(tiny_models["bert"]), "-o", str(package),
-                   "--devices", str(_fast_pair(tmp_path)), "--strategy", "pipeline", "--json")
+    result = edgec(
+        "export",
+        str(tiny_models["bert"]),
+        "-o",
+        str(package),
+        "--devices",
+        str(_fast_pair(tmp_path)),
+        "--strategy",
+        "pipeline",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["strategy"] == "pipeline"
@@ -61,13 +78,29 @@ def test_export_with_devices_writes_a_partitioned_package(tiny_models, tmp_path)
 
 
 def test_partition_an_existing_package_and_a_budget_error(bert_package, tmp_path):
-    result = edgec("partition", str(bert_package), "-o", str(tmp_path / "data"),
-                   "--devices", str(_fast_pair(tmp_path)), "--strategy", "data")
+    result = edgec(
+        "partition",
+        str(bert_package),
+        "-o",
+        str(tmp_path / "data"),
+        "--devices",
+        str(_fast_pair(tmp_path)),
+        "--strategy",
+        "data",
+    )
     assert result.returncode == 0, result.stderr
     assert "max abs error" in result.stdout
     tiny = _fast_pair(tmp_path, memory_mb=0.01)
-    result = edgec("partition", str(bert_package), "-o", str(tmp_path / "x"),
-                   "--devices", str(tiny), "--strategy", "pipeline")
+    result = edgec(
+        "partition",
+        str(bert_package),
+        "-o",
+        str(tmp_path / "x"),
+        "--devices",
+        str(tiny),
+        "--strategy",
+        "pipeline",
+    )
     assert result.returncode == 8
     assert result.stderr.startswith("error: no pipeline plan fits the memory budgets (a 10.0 KB")
     assert "bytes" in result.stderr and "Traceback" not in result.stderr
@@ -75,17 +108,26 @@ def test_partition_an_existing_package_and_a_budget_error(bert_package, tmp_path
 
 
 def test_profile_device_writes_a_profile_plans_accept(tmp_path):
-    result = edgec("profile-device", "-o", str(tmp_path / "me.yaml"), "--name", "me", "--memory-mb", "512")
+    result = edgec(
+        "profile-device", "-o", str(tmp_path / "me.yaml"), "--name", "me", "--memory-mb", "512"
+    )
     assert result.returncode == 0, result.stderr
     data = yaml.safe_load((tmp_path / "me.yaml").read_text())
     device = data["devices"][0]
     assert device["name"] == "me" and device["threads"] == 1 and device["memory_mb"] == 512
-    assert device["gflops_fp32"] > 0 and device["gops_int8"] > 0 and len(device["matmul_fp32_curve"]) == 4
+    assert (
+        device["gflops_fp32"] > 0
+        and device["gops_int8"] > 0
+        and len(device["matmul_fp32_curve"]) == 4
+    )
 
 
 def test_join_wraps_ray_start():
     result = edgec("join", "--device", "board-b", "--address", "10.0.0.2:6379", "--dry-run")
     assert result.returncode == 0
-    assert result.stdout.strip() == 'ray start --resources={"device:board-b": 1} --address=10.0.0.2:6379'
+    assert (
+        result.stdout.strip()
+        == 'ray start --resources={"device:board-b": 1} --address=10.0.0.2:6379'
+    )
     result = edgec("join", "--device", "board-b")
     assert result.returncode != 0 and "--address" in result.stderr

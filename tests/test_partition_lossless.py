@@ -72,7 +72,11 @@ def test_pipeline_stages_split_the_work(bert_package, tmp_path):
     first, second = result.plan.stages
     assert first.stop == second.start and first.start == 0
     assert first.flops > 0 and second.flops > 0  # both stages compute something real
-    assert set(second.inputs) <= set(first.outputs) | {"input_ids", "attention_mask", "token_type_ids"}
+    assert set(second.inputs) <= set(first.outputs) | {
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    }
     assert result.manifest.edges[-1]["to"] == "stage1"
 
 
@@ -127,7 +131,9 @@ def quantized_bert_package(bert_package, tmp_path_factory):
     stage = manifest.stages[0]
     from dataclasses import replace
 
-    write_manifest(root, replace(manifest, files=files, stages=(replace(stage, sha256=files[stage.file]),)))
+    write_manifest(
+        root, replace(manifest, files=files, stages=(replace(stage, sha256=files[stage.file]),))
+    )
     return root
 
 

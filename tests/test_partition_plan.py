@@ -58,7 +58,11 @@ def test_profiles_round_trip_through_yaml(tmp_path):
     from edgec.runtimes.devices import save_devices
 
     devices = DeviceSet(
-        (DeviceProfile("a", threads=2, gflops_fp32=50.0, matmul_fp32_curve=((1.0, 20.0), (100.0, 60.0))),),
+        (
+            DeviceProfile(
+                "a", threads=2, gflops_fp32=50.0, matmul_fp32_curve=((1.0, 20.0), (100.0, 60.0))
+            ),
+        ),
         (),
     )
     save_devices(devices, tmp_path / "d.yaml")
@@ -75,7 +79,9 @@ def test_profile_device_measures_this_machine(tmp_path):
 
     profile = profile_device("me", threads=1, repeats=2)
     assert profile.assumed() == []
-    assert profile.gflops_fp32 and profile.gops_int8 and profile.memory_gbps and profile.op_overhead_us
+    assert (
+        profile.gflops_fp32 and profile.gops_int8 and profile.memory_gbps and profile.op_overhead_us
+    )
     assert len(profile.matmul_fp32_curve) == 4
     assert profile.memory_mb and profile.memory_mb > 0
 
@@ -87,14 +93,21 @@ def test_pipeline_balances_equal_devices_for_throughput(bert_package):
     devices = DeviceSet((DeviceProfile("a"), DeviceProfile("b")), FAST_LINK)
     plan = _plan(bert_package, devices, "pipeline", "throughput")
     first, second = plan.stages
-    assert plan.period_ms == pytest.approx(max(first.predicted_ms, second.predicted_ms + second.transfer_in_ms))
+    assert plan.period_ms == pytest.approx(
+        max(first.predicted_ms, second.predicted_ms + second.transfer_in_ms)
+    )
     # balanced: neither stage holds more than two thirds of the predicted work
-    assert max(first.predicted_ms, second.predicted_ms) <= 2 / 3 * (first.predicted_ms + second.predicted_ms)
+    assert max(first.predicted_ms, second.predicted_ms) <= 2 / 3 * (
+        first.predicted_ms + second.predicted_ms
+    )
 
 
 def test_a_faster_device_gets_more_of_the_pipeline(bert_package):
     devices = DeviceSet(
-        (DeviceProfile("a", gflops_fp32=10.0, memory_gbps=1.0), DeviceProfile("b", gflops_fp32=40.0, memory_gbps=4.0)),
+        (
+            DeviceProfile("a", gflops_fp32=10.0, memory_gbps=1.0),
+            DeviceProfile("b", gflops_fp32=40.0, memory_gbps=4.0),
+        ),
         FAST_LINK,
     )
     plan = _plan(bert_package, devices, "pipeline", "throughput")
@@ -104,8 +117,10 @@ def test_a_faster_device_gets_more_of_the_pipeline(bert_package):
 
 def test_data_parallel_shares_follow_speed(bert_package):
     devices = DeviceSet(
-        (DeviceProfile("a", gflops_fp32=10.0, memory_gbps=1.0, op_overhead_us=1.0),
-         DeviceProfile("b", gflops_fp32=30.0, memory_gbps=3.0, op_overhead_us=1 / 3)),
+        (
+            DeviceProfile("a", gflops_fp32=10.0, memory_gbps=1.0, op_overhead_us=1.0),
+            DeviceProfile("b", gflops_fp32=30.0, memory_gbps=3.0, op_overhead_us=1 / 3),
+        ),
         FAST_LINK,
     )
     plan = _plan(bert_package, devices, "data")
@@ -127,7 +142,10 @@ def test_auto_keeps_one_device_when_a_split_is_slower(bert_package):
 def test_auto_splits_when_no_single_device_holds_the_model(bert_package):
     whole = _plan(bert_package, DeviceSet((DeviceProfile("x"),)), "single").stages[0].memory_bytes
     budget_mb = whole * 0.9 / 1e6
-    devices = DeviceSet((DeviceProfile("a", memory_mb=budget_mb), DeviceProfile("b", memory_mb=budget_mb)), FAST_LINK)
+    devices = DeviceSet(
+        (DeviceProfile("a", memory_mb=budget_mb), DeviceProfile("b", memory_mb=budget_mb)),
+        FAST_LINK,
+    )
     plan = _plan(bert_package, devices, "auto")
     assert plan.strategy == "pipeline"
     assert "no single device holds the model" in plan.reason
@@ -135,8 +153,12 @@ def test_auto_splits_when_no_single_device_holds_the_model(bert_package):
 
 
 def test_a_budget_no_plan_fits_names_devices_and_bytes(bert_package):
-    devices = DeviceSet((DeviceProfile("a", memory_mb=0.01), DeviceProfile("b", memory_mb=0.01)), FAST_LINK)
-    with pytest.raises(DeviceError, match=r"a 10.0 KB, b 10.0 KB\): the whole model needs \d+ bytes"):
+    devices = DeviceSet(
+        (DeviceProfile("a", memory_mb=0.01), DeviceProfile("b", memory_mb=0.01)), FAST_LINK
+    )
+    with pytest.raises(
+        DeviceError, match=r"a 10.0 KB, b 10.0 KB\): the whole model needs \d+ bytes"
+    ):
         _plan(bert_package, devices, "pipeline")
     with pytest.raises(DeviceError, match="no strategy fits"):
         _plan(bert_package, devices, "auto")

@@ -49,7 +49,9 @@ def cluster():
 
 def _feeds(package, batch=2, sequence=8):  # type: ignore[no-untyped-def]
     feeds = planning_feeds(load_package(package).manifest.inputs, batch, sequence)
-    feeds["input_ids"] = np.arange(batch * sequence, dtype=np.int64).reshape(batch, sequence) % 90 + 1
+    feeds["input_ids"] = (
+        np.arange(batch * sequence, dtype=np.int64).reshape(batch, sequence) % 90 + 1
+    )
     return feeds
 
 
@@ -64,12 +66,16 @@ def test_missing_device_is_named(cluster, bert_package, tmp_path):
 def test_ray_matches_local_and_survives_a_lost_node(cluster, pipeline_package):
     feeds = _feeds(pipeline_package)
     expected = load_package(pipeline_package).run(feeds)
-    runtime = load_package(pipeline_package, backend="ray", address=cluster.address, timeout_s=TIMEOUT_S)
+    runtime = load_package(
+        pipeline_package, backend="ray", address=cluster.address, timeout_s=TIMEOUT_S
+    )
     try:
         actual = runtime.run(feeds)
         assert np.array_equal(actual["last_hidden_state"], expected["last_hidden_state"])
         streamed = runtime.run_many([feeds] * 4)
-        assert all(np.array_equal(s["last_hidden_state"], expected["last_hidden_state"]) for s in streamed)
+        assert all(
+            np.array_equal(s["last_hidden_state"], expected["last_hidden_state"]) for s in streamed
+        )
 
         # Requests keep flowing while board-b's node is killed; the one in flight fails, naming it.
         failure: list[tuple[float, BaseException]] = []

@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from edgec.runtimes.devices import DeviceSet
-from edgec.runtimes.manifest import Manifest, TensorInfo
-from edgec.runtimes.package import read_package
-
-from edgec.errors import ExportError
 from edgec.exporters.package_writer import staging, write_manifest
 from edgec.exporters.partition.apply import write_stages
 from edgec.exporters.partition.graph import GraphProfile, analyse
 from edgec.exporters.partition.plan import Objective, Plan
 from edgec.exporters.partition.planners import STRATEGIES, Context, make_plan
+from edgec.runtimes.devices import DeviceSet
+from edgec.runtimes.manifest import Manifest, TensorInfo
+from edgec.runtimes.package import read_package
+
+from edgec.errors import ExportError
 
 PLANNING_BATCH = 1
 PLANNING_SEQUENCE = 128
@@ -105,7 +105,12 @@ class PartitionResult:
 
 
 def partition_into(
-    root: Path, manifest: Manifest, whole_file: str, plan: Plan, graph: GraphProfile, devices: DeviceSet
+    root: Path,
+    manifest: Manifest,
+    whole_file: str,
+    plan: Plan,
+    graph: GraphProfile,
+    devices: DeviceSet,
 ) -> Manifest:
     """Write ``plan``'s stages into the package folder ``root`` and return its new manifest.
 
@@ -160,7 +165,13 @@ def partition_staged(
     whole = manifest.stages[0].file
     step(f"planning: {strategy} over {[d.name for d in devices.devices]}")
     plan, graph = plan_model(
-        package.path(whole), manifest.inputs, devices, strategy, objective, batch=batch, sequence=sequence
+        package.path(whole),
+        manifest.inputs,
+        devices,
+        strategy,
+        objective,
+        batch=batch,
+        sequence=sequence,
     )
     cases = _lossless_feeds(manifest.inputs)
     expected = _whole_outputs(package.path(whole), cases)

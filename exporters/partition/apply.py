@@ -10,19 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from edgec.exporters.partition.graph import GraphProfile
+from edgec.exporters.partition.plan import Plan, StagePlan
 from edgec.runtimes.manifest import StageInfo
 from edgec.runtimes.package import sha256_file
 
 from edgec.errors import ExportError
-from edgec.exporters.partition.graph import GraphProfile
-from edgec.exporters.partition.plan import Plan, StagePlan
 
 
 def typed(model: onnx.ModelProto, graph: GraphProfile) -> onnx.ModelProto:
     """Shape-inferred copy in which every value has a type: where onnx's inference stops
     (e.g. after DequantizeLinear), the element type and rank measured by ``analyse``."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    known = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    known = {
+        v.name for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
     for name, (elem_type, rank) in graph.tensor_types.items():
         if name not in known:
             inferred.graph.value_info.append(
@@ -39,7 +41,12 @@ def extract_stage(model: onnx.ModelProto, stage: StagePlan) -> onnx.ModelProto:
         sub.graph.name = stage.name
         sub.ir_version = model.ir_version
         onnx.checker.check_model(sub, full_check=True)
-    except (KeyError, ValueError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (
+        KeyError,
+        ValueError,
+        onnx.checker.ValidationError,
+        onnx.shape_inference.InferenceError,
+    ) as exc:
         raise ExportError(f"stage {stage.name!r} does not form a valid ONNX model: {exc}") from exc
     return sub
 

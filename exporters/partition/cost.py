@@ -6,9 +6,8 @@ speeds from the device profile (measured by ``edgec profile-device``; assumed ot
 
 from __future__ import annotations
 
-from edgec.runtimes.devices import DeviceProfile
-
 from edgec.exporters.partition.graph import GraphProfile, NodeCost
+from edgec.runtimes.devices import DeviceProfile
 
 
 def node_ms(node: NodeCost, device: DeviceProfile) -> float:

@@ -57,7 +57,7 @@ class GraphProfile:
     def crossing(self, cut: int) -> list[str]:
         """Values made before position ``cut`` (or model inputs) and needed at or after it."""
         live = []
-        for name, size in self.tensor_bytes.items():
+        for name in self.tensor_bytes:
             if name in self.param_bytes:
                 continue
             made = self.producers.get(name, -1)
@@ -66,7 +66,6 @@ class GraphProfile:
             needed = [c for c in self.consumers.get(name, ()) if c >= cut]
             if needed or (name in self.outputs and made >= 0):
                 live.append(name)
-        del size
         return sorted(live)
 
     def segment_params(self, start: int, stop: int) -> set[str]:
@@ -180,8 +179,15 @@ def analyse(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> GraphPro
                 + sum(sizes.get(o, 0) for o in node.output)
             )
         nodes.append(
-            NodeCost(index, node.name or f"{node.op_type}_{index}", node.op_type, flops, int8,
-                     touched, used)
+            NodeCost(
+                index,
+                node.name or f"{node.op_type}_{index}",
+                node.op_type,
+                flops,
+                int8,
+                touched,
+                used,
+            )
         )
     for name in (*params, *(i.name for i in graph.input)):
         sizes.setdefault(name, params.get(name, 0))

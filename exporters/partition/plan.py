@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from edgec.table import format_table, human_bytes
-
 from edgec.errors import DeviceError
+from edgec.table import format_table, human_bytes
 
 Objective = Literal["latency", "throughput"]
 OBJECTIVES = ("latency", "throughput")
@@ -126,8 +125,13 @@ class Plan:
         shape = ", ".join(f"{k} {v}" for k, v in self.planning_shape.items())
         out = [format_table(headers, rows, title=f"plan: {self.strategy} ({shape})")]
         cuts = [
-            [f"{prev.name} → {s.name}", len(s.inputs), human_bytes(s.bytes_in),
-             round(s.transfer_in_ms, 3), ", ".join(s.inputs[:4]) + (" …" if len(s.inputs) > 4 else "")]
+            [
+                f"{prev.name} → {s.name}",
+                len(s.inputs),
+                human_bytes(s.bytes_in),
+                round(s.transfer_in_ms, 3),
+                ", ".join(s.inputs[:4]) + (" …" if len(s.inputs) > 4 else ""),
+            ]
             for prev, s in zip(self.stages, self.stages[1:], strict=False)
             if self.strategy == "pipeline"
         ]

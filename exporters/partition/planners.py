@@ -10,12 +10,12 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from edgec.runtimes.devices import DeviceProfile, DeviceSet
-
-from edgec.errors import DeviceError
 from edgec.exporters.partition.cost import CostTable
 from edgec.exporters.partition.graph import GraphProfile
 from edgec.exporters.partition.plan import OBJECTIVES, Objective, Plan, StagePlan
+from edgec.runtimes.devices import DeviceProfile, DeviceSet
+
+from edgec.errors import DeviceError
 from edgec.table import human_bytes
 
 MAX_PIPELINE_STAGES = 4
@@ -57,7 +57,9 @@ class Context:
             names: set[str] = set()
             total, peak = 0, self.live_bytes[start]
             params, peaks = [0], [peak]
-            for node, live in zip(self.graph.nodes[start:], self.live_bytes[start + 1 :], strict=True):
+            for node, live in zip(
+                self.graph.nodes[start:], self.live_bytes[start + 1 :], strict=True
+            ):
                 for name in node.params - names:
                     names.add(name)
                     total += self.graph.param_bytes[name]
@@ -91,10 +93,14 @@ class Context:
         return {k: list(v) for k, v in self.graph.feeds_shape.items()}
 
 
-def _stage(ctx: Context, index: int, device: str, start: int, stop: int, prev: str | None) -> StagePlan:
+def _stage(
+    ctx: Context, index: int, device: str, start: int, stop: int, prev: str | None
+) -> StagePlan:
     needed = {i for node in ctx.graph.model.graph.node[start:stop] for i in node.input}
-    inputs = tuple(t for t in ctx.crossing[start] if t in needed) if start else tuple(
-        t for t in ctx.graph.inputs if t in needed
+    inputs = (
+        tuple(t for t in ctx.crossing[start] if t in needed)
+        if start
+        else tuple(t for t in ctx.graph.inputs if t in needed)
     )
     later = set(ctx.crossing[stop]) if stop < ctx.size else set(ctx.graph.outputs)
     made = {o for node in ctx.graph.model.graph.node[start:stop] for o in node.output}
@@ -224,7 +230,9 @@ def plan_pipeline(ctx: Context) -> Plan:
             raise DeviceError("a pipeline needs at least two devices; the profile lists one")
         raise _too_big(ctx, list(devices), "pipeline")
     plan = _plan_from_cuts(ctx, best[1], best[2])
-    hops = ", ".join(f"{s.name}: {len(s.inputs)} tensors, {human_bytes(s.bytes_in)}" for s in plan.stages[1:])
+    hops = ", ".join(
+        f"{s.name}: {len(s.inputs)} tensors, {human_bytes(s.bytes_in)}" for s in plan.stages[1:]
+    )
     return replace(plan, reason=f"cuts minimise the {ctx.objective} over device orders ({hops})")
 
 

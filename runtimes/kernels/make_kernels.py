@@ -52,7 +52,10 @@ def main() -> None:
         [value("x", f, ["m", "k"]), value("g", f, ["k"]), value("b", f, ["k"])],
         [value("y", f, ["m", "k"])],
     )
-    nodes = [helper.make_node("Add", ["x" if i == 0 else f"t{i}", "y"], [f"t{i + 1}"]) for i in range(CHAIN)]
+    nodes = [
+        helper.make_node("Add", ["x" if i == 0 else f"t{i}", "y"], [f"t{i + 1}"])
+        for i in range(CHAIN)
+    ]
     _save(
         "overhead",
         nodes,
