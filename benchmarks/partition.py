@@ -148,14 +148,14 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="edgec-bench-"))
-    print("• profiling this machine (1 thread)")
+    print(f"• exporting {args.source}")
+    export(args.source, work / "whole")
+    print("• profiling this machine (1 thread)")  # just before the timings it predicts
     me = profile_device("a", threads=1)
     devices = DeviceSet(
         (me, replace(me, name="b")),
         (Link(("a", "b"), bandwidth_mbps=100_000, latency_ms=0.0),),  # same machine
     )
-    print(f"• exporting {args.source}")
-    export(args.source, work / "whole")
     print("• partitioning: pipeline (throughput) and single")
     piped = partition_package(work / "whole", work / "pipeline", devices, "pipeline", "throughput")
     single = partition_package(work / "whole", work / "single", DeviceSet((me,)), "single")
