@@ -59,7 +59,7 @@ def cli() -> None:
 )
 @click.option(
     "--strategy",
-    type=click.Choice(["auto", "pipeline", "data", "single"]),
+    type=click.Choice(["auto", "pipeline", "data", "heads", "single"]),
     default="auto",
     show_default=True,
     help="How to partition (with --devices).",

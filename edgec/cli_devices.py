@@ -32,7 +32,7 @@ def emit_json(data: object) -> None:
     emit(data)
 
 
-STRATEGY = click.Choice(["auto", "pipeline", "data", "single"])
+STRATEGY = click.Choice(["auto", "pipeline", "data", "heads", "single"])
 OBJECTIVE = click.Choice(["latency", "throughput"])
 
 

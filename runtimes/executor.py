@@ -75,11 +75,32 @@ def run_data_parallel(executor: Executor, feeds: Feeds) -> Feeds:
     }
 
 
+def run_groups(executor: Executor, feeds: Feeds) -> Feeds:
+    """Head-parallel: stage groups in order (``extra["group"]``); the stages of a group run at
+    once on the same tensors and their same-named outputs are summed (the aggregation)."""
+    manifest = executor.manifest
+    groups: dict[int, list[StageInfo]] = {}
+    for stage in manifest.stages:
+        groups.setdefault(int(stage.extra.get("group", 0)), []).append(stage)
+    kind = manifest.aggregation.get("kind", "sum")
+    tensors: dict[str, np.ndarray] = dict(feeds)
+    for _, stages in sorted(groups.items()):
+        if len(stages) == 1:
+            tensors.update(_run_stage(executor.backend, stages[0], tensors))
+            continue
+        jobs = [executor.pool.submit(_run_stage, executor.backend, s, tensors) for s in stages]
+        parts = [job.result() for job in jobs]
+        for name in parts[0]:
+            tensors[name] = aggregate(kind, [p[name] for p in parts])
+    return {out.name: tensors[out.name] for out in manifest.outputs}
+
+
 Run = Callable[["Executor", Feeds], Feeds]
 EXECUTORS: dict[str, Run] = {
     "single": run_chain,
     "pipeline": run_chain,
     "data": run_data_parallel,
+    "heads": run_groups,
 }
 
 

@@ -12,7 +12,7 @@ from edgec.runtimes import load_package
 from edgec.runtimes.devices import DeviceProfile, DeviceSet, Link
 
 TOLERANCE = 1e-5
-STRATEGIES = ["pipeline", "data", "auto"]
+STRATEGIES = ["pipeline", "data", "heads", "auto"]
 
 # Two equal devices on a fast link, so that a pipeline plan really splits the model.
 EQUAL = DeviceSet(
@@ -60,7 +60,7 @@ TEXT_SHAPES = [(1, 8), (4, 32), (5, 17)]
 def test_random_bert_every_strategy_is_lossless(strategy, bert_package, tmp_path):
     result = partition_package(bert_package, tmp_path / "split", EQUAL, strategy)
     assert result.max_abs_error <= TOLERANCE
-    if strategy != "auto":
+    if strategy in ("pipeline", "data"):
         assert result.manifest.strategy == strategy
         assert len(result.manifest.stages) == 2
     _stage_files_pass_the_checker(tmp_path / "split")
@@ -80,6 +80,29 @@ def test_pipeline_stages_split_the_work(bert_package, tmp_path):
     assert result.manifest.edges[-1]["to"] == "stage1"
 
 
+def test_heads_split_every_block_over_both_devices(bert_package, tmp_path):
+    result = partition_package(bert_package, tmp_path / "split", EQUAL, "heads")
+    groups: dict[int, list] = {}
+    for stage in result.manifest.stages:
+        groups.setdefault(stage.extra["group"], []).append(stage)
+    parallel = [g for g in groups.values() if len(g) > 1]
+    assert len(parallel) == 4  # 2 layers x (attention, FFN)
+    for group in parallel:
+        assert sorted(s.device for s in group) == ["board-a", "board-b"]
+        spans = sorted(tuple(s.extra["units"]) for s in group)
+        assert spans[0][0] == 0 and spans[0][1] == spans[1][0]  # disjoint, together all units
+        outputs = {s.outputs for s in group}
+        assert len(outputs) == 1  # partial results of one tensor, summed by the aggregation
+    assert result.manifest.aggregation == {"kind": "sum"}
+    # 4 heads of 8 and 64 FFN neurons: each device holds half of every sliced weight
+    assert {tuple(s.extra["units"]) for g in parallel for s in g} == {
+        (0, 2),
+        (2, 4),
+        (0, 32),
+        (32, 64),
+    }
+
+
 @pytest.fixture(scope="module")
 def vit_package(tiny_models, tmp_path_factory):
     from edgec.exporters import export
@@ -89,7 +112,7 @@ def vit_package(tiny_models, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("strategy", ["pipeline", "data"])
+@pytest.mark.parametrize("strategy", ["pipeline", "data", "heads"])
 def test_random_vit_is_lossless(strategy, vit_package, tmp_path):
     partition_package(vit_package, tmp_path / "split", EQUAL, strategy)
     assert_lossless(vit_package, tmp_path / "split", [(1, 1), (3, 1)])
@@ -147,7 +170,7 @@ def test_quantized_package_is_lossless(strategy, quantized_bert_package, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["pipeline", "data"])
+@pytest.mark.parametrize("strategy", ["pipeline", "data", "heads"])
 def test_tiny_vit_digits_is_lossless(strategy, digits_package, tmp_path):
     partition_package(digits_package, tmp_path / "split", EQUAL, strategy)
     assert_lossless(digits_package, tmp_path / "split", [(1, 1), (8, 1)])

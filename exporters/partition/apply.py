@@ -59,6 +59,10 @@ def write_stages(
     ``whole_file`` is the unpartitioned model's file inside ``root`` (data-parallel stages
     and single-stage plans use it as it is).
     """
+    if plan.strategy == "heads":
+        from edgec.exporters.partition.heads import write_heads
+
+        return write_heads(model, graph, plan, root)
     model = typed(model, graph) if plan.strategy == "pipeline" else model
     stages: list[StageInfo] = []
     made_by: dict[str, str] = {}

@@ -53,6 +53,7 @@ class GraphProfile:
     outputs: tuple[str, ...]
     feeds_shape: dict[str, tuple[int, ...]]
     tensor_types: dict[str, tuple[int, int]]  # value -> (ONNX element type, rank)
+    tensor_shapes: dict[str, tuple[int, ...]]  # value -> shape at the planning size
 
     def crossing(self, cut: int) -> list[str]:
         """Values made before position ``cut`` (or model inputs) and needed at or after it."""
@@ -202,4 +203,5 @@ def analyse(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> GraphPro
         outputs=tuple(o.name for o in graph.output),
         feeds_shape={k: tuple(v.shape) for k, v in feeds.items()},
         tensor_types=types,
+        tensor_shapes={**shapes, **{i.name: tuple(i.dims) for i in graph.initializer}},
     )

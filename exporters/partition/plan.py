@@ -40,6 +40,8 @@ class StagePlan:
     predicted_ms: float
     transfer_in_ms: float = 0.0
     batch_share: float = 1.0
+    group: int = 0  # heads: stages of one group run in parallel and their outputs are summed
+    units: tuple[int, int] | None = None  # heads: the heads or neurons this stage keeps
 
     @property
     def nodes(self) -> int:
@@ -83,7 +85,14 @@ class Plan:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
         stages = tuple(
-            StagePlan(**{**s, "inputs": tuple(s["inputs"]), "outputs": tuple(s["outputs"])})
+            StagePlan(
+                **{
+                    **s,
+                    "inputs": tuple(s["inputs"]),
+                    "outputs": tuple(s["outputs"]),
+                    "units": tuple(s["units"]) if s.get("units") else None,
+                }
+            )
             for s in data["stages"]
         )
         return cls(

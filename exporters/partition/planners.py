@@ -292,7 +292,7 @@ def plan_auto(ctx: Context) -> Plan:
     """The candidate with the lowest predicted objective; one device alone is always a candidate."""
     candidates: list[Plan] = []
     failures: list[str] = []
-    for name in ("single", "pipeline", "data"):
+    for name in ("single", "pipeline", "data", "heads"):
         try:
             candidates.append(STRATEGIES[name](ctx))
         except DeviceError as exc:
@@ -321,10 +321,19 @@ def plan_auto(ctx: Context) -> Plan:
     return replace(best, reason=why, alternatives=others)
 
 
+def plan_heads(ctx: Context) -> Plan:
+    """Every device a slice of each layer's heads and FFN neurons (``partition.heads``)."""
+    from edgec.exporters.partition.heads import plan_heads as heads
+
+    plan: Plan = heads(ctx)
+    return plan
+
+
 STRATEGIES: dict[str, Callable[[Context], Plan]] = {
     "single": plan_single,
     "pipeline": plan_pipeline,
     "data": plan_data,
+    "heads": plan_heads,
     "auto": plan_auto,
 }
 
