@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+from edgec.exporters.partition.cost import node_ms
 from edgec.exporters.partition.graph import GraphProfile
+from edgec.exporters.partition.plan import Plan, StagePlan
+from edgec.runtimes.manifest import StageInfo
+from edgec.runtimes.package import sha256_file
 from onnx import numpy_helper
 
 from edgec.errors import DeviceError, ExportError
+
+if TYPE_CHECKING:
+    from edgec.exporters.partition.planners import Context
 
 _PASS = {
     "Reshape",
@@ -45,7 +52,7 @@ _QDQ = {"QuantizeLinear", "DequantizeLinear"}  # per-tensor activation Q/DQ comm
 
 @dataclass(frozen=True)
 class Slice:
-    """Keep ``units`` groups of ``width`` along ``axis`` of initializer ``name``."""
+    """Initializer ``name`` is cut along ``axis`` to the slice's heads (or neurons)."""
 
     name: str
     axis: int
@@ -398,13 +405,8 @@ def _io(graph: GraphProfile, nodes: set[int]) -> tuple[list[str], list[str]]:
     return inputs, sorted(made & needed)
 
 
-def plan_heads(ctx: Any) -> Any:
+def plan_heads(ctx: Context) -> Plan:
     """Shared parts on the fastest device; each block split over every device by its speed."""
-    from dataclasses import replace as _replace
-
-    from edgec.exporters.partition.cost import node_ms
-    from edgec.exporters.partition.plan import Plan, StagePlan
-
     graph: GraphProfile = ctx.graph
     devices = list(ctx.devices.devices)
     if len(devices) < 2:
@@ -506,7 +508,7 @@ def plan_heads(ctx: Any) -> Any:
         assumptions=ctx.assumptions([d.name for d in devices]),
         aggregation={"kind": "sum"},
     )
-    return _replace(plan)
+    return plan
 
 
 def write_heads(
@@ -514,8 +516,6 @@ def write_heads(
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """Write each shared part and each device's slice of each block as an ONNX file."""
     from edgec.exporters.partition.apply import extract_stage, typed
-    from edgec.runtimes.manifest import StageInfo
-    from edgec.runtimes.package import sha256_file
 
     model = typed(model, graph)
     blocks = {b.output: b for b in find_blocks(graph, graph.tensor_shapes)}
