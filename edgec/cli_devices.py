@@ -128,6 +128,12 @@ def _onnx_and_inputs(source: str, workdir: Path) -> tuple[Path, tuple[TensorInfo
 @click.option("--batch", default=1, show_default=True, help="Batch size the plan is made for.")
 @click.option("--sequence", default=128, show_default=True, help="Sequence length planned for.")
 @click.option("--save", type=click.Path(path_type=Path), help="Also save the plan as JSON.")
+@click.option(
+    "--diff",
+    "against",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="A saved plan (JSON) to compare this one with.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(
     source: str,
@@ -137,6 +143,7 @@ def plan_command(
     batch: int,
     sequence: int,
     save: Path | None,
+    against: Path | None,
     as_json: bool,
 ) -> None:
     """Print the partition plan for SOURCE (package or model) without writing a package."""
@@ -164,6 +171,13 @@ def plan_command(
         emit_json(plan.to_json())
     else:
         click.echo(plan.format())
+    if against is not None:
+        from edgec.exporters.partition.plan import Plan
+
+        changes = Plan.load(against).diff(plan)
+        click.echo(f"\nagainst {against}: " + ("no change" if not changes else ""))
+        for line in changes:
+            click.echo(f"  {line}")
 
 
 @click.command("partition")

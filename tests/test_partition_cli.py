@@ -49,6 +49,18 @@ def test_plan_prints_stages_cuts_and_predictions(bert_package, tmp_path):
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["strategy"] == "pipeline" and len(saved["stages"]) == 2
     assert not (tmp_path / "stages").exists()  # plan writes no package
+    result = edgec(
+        "plan",
+        str(bert_package),
+        "--devices",
+        str(_fast_pair(tmp_path)),
+        "--strategy",
+        "data",
+        "--diff",
+        str(tmp_path / "plan.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "strategy: pipeline -> data" in result.stdout
 
 
 def test_export_with_devices_writes_a_partitioned_package(tiny_models, tmp_path):
