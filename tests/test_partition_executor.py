@@ -79,3 +79,17 @@ def test_unknown_strategy_is_refused():
         PackageError, match=r"strategy 'ring' has no executor; known: \['data', 'heads'"
     ):
         Executor(replace(manifest, strategy="ring"), _Doubler())
+
+
+def test_device_side_modules_need_neither_torch_nor_onnx_nor_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import edgec.runtimes.devices, edgec.runtimes.profiler, edgec.runtimes.ray_backend\n"
+        "import edgec.runtimes.executor, edgec.runtimes.aggregation\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'onnx', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
