@@ -52,12 +52,46 @@ def cli() -> None:
     help="Package directory to write.",
 )
 @click.option("--opset", default=18, show_default=True, help="ONNX opset.")
+@click.option(
+    "--devices",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Device profiles (YAML): partition the package over them.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "pipeline", "data", "heads", "single"]),
+    default="auto",
+    show_default=True,
+    help="How to partition (with --devices).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["latency", "throughput"]),
+    default=None,
+    help="What the plan minimises [default: throughput for pipeline, else latency].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(source: str, output: Path, opset: int, as_json: bool) -> None:
+def export(
+    source: str,
+    output: Path,
+    opset: int,
+    devices: Path | None,
+    strategy: str,
+    objective: str | None,
+    as_json: bool,
+) -> None:
     """Export SOURCE (a built-in name or model directory) to a package."""
     from edgec.exporters import export as export_package
 
-    result = export_package(source, output, opset=opset, on_step=progress)
+    result = export_package(
+        source,
+        output,
+        opset=opset,
+        on_step=progress,
+        devices=devices,
+        strategy=strategy,
+        objective=objective,
+    )
     manifest = result.manifest
     if as_json:
         emit_json(
@@ -101,6 +135,7 @@ def _describe(name: str, value: np.ndarray) -> list[Any]:
     "--save", type=click.Path(path_type=Path), help="Save raw output tensors to this .npz."
 )
 @click.option("--backend", default="local", show_default=True, help="Where stages run.")
+@click.option("--address", default=None, help="Ray cluster HOST:PORT (with --backend ray).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(
     package: Path,
@@ -109,6 +144,7 @@ def run(
     images: Path | None,
     save: Path | None,
     backend: str,
+    address: str | None,
     as_json: bool,
 ) -> None:
     """Run PACKAGE on text, images or raw tensors and print the outputs."""
@@ -117,7 +153,7 @@ def run(
     given = sum(bool(x) for x in (texts, inputs, images))
     if given != 1:
         raise click.UsageError("give exactly one of --text, --input or --images")
-    runtime = load_package(package, backend=backend)
+    runtime = load_package(package, backend=backend, **({"address": address} if address else {}))
     post = runtime.manifest.postprocessing
     if inputs is not None:
         outputs = runtime.run(_read_feeds(inputs))
@@ -191,6 +227,11 @@ def inspect(package: Path, as_json: bool) -> None:
         click.echo(
             f"export parity: max abs error {manifest.parity.get('max_abs_error', float('nan')):.3g}"
         )
+
+
+from edgec.cli_devices import register as _register_device_commands  # noqa: E402
+
+_register_device_commands(cli)  # profile-device, plan, partition, join
 
 
 def main() -> None:

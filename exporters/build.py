@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgec.exporters.package_writer import hash_files, staging, write_manifest
+from edgec.exporters.partition import partition_staged
+from edgec.exporters.partition.plan import Objective
 from edgec.exporters.torch_to_onnx import DEFAULT_OPSET, ParityCase, check_parity, export_onnx
 from edgec.models import load_model
 from edgec.models.spec import ModelSpec
+from edgec.runtimes.devices import DeviceSet, load_devices
 from edgec.runtimes.manifest import DeviceInfo, Manifest, StageInfo
 from edgec.runtimes.package import read_package
 
@@ -52,8 +55,15 @@ def export(
     *,
     opset: int = DEFAULT_OPSET,
     on_step: Callable[[str], None] | None = None,
+    devices: DeviceSet | str | os.PathLike[str] | None = None,
+    strategy: str = "auto",
+    objective: Objective | None = None,
 ) -> ExportResult:
     """Export ``source`` (a built-in name or model directory) to a package at ``output``.
+
+    With ``devices`` (a ``DeviceSet`` or a profile YAML path) the package is partitioned by
+    ``strategy`` (pipeline | data | auto | single) for ``objective`` (latency | throughput); the
+    partitioned package must equal the whole graph within 1e-5 (max abs).
 
     Checks parity of onnxruntime against torch (max abs error <= 1e-4) before the package is
     swapped in; on any failure ``output`` is left as it was. ``on_step`` hears each step's name.
@@ -94,4 +104,7 @@ def export(
         )
         write_manifest(root, manifest)
         read_package(root)  # what we wrote must load
+        if devices is not None:
+            profiles = devices if isinstance(devices, DeviceSet) else load_devices(devices)
+            manifest = partition_staged(root, profiles, strategy, objective, on_step=step)[0]
     return ExportResult(path=Path(output), manifest=manifest, parity=parity)

@@ -72,7 +72,15 @@ class LocalBackend:
 
 
 BackendFactory = Callable[..., Backend]
-BACKENDS: dict[str, BackendFactory] = {"local": LocalBackend}
+
+
+def _ray_backend(package: Package, **options: object) -> Backend:
+    from edgec.runtimes.ray_backend import RayBackend  # imports ray only when asked for
+
+    return RayBackend(package, **options)
+
+
+BACKENDS: dict[str, BackendFactory] = {"local": LocalBackend, "ray": _ray_backend}
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:

@@ -1,25 +1,176 @@
-"""Runs a package's stage graph: feeds flow through the stages in manifest order."""
+"""Runs a package's stage graph over tensors: a chain of stages, or parallel stages aggregated.
+
+``Executor.run`` serves one request; ``Executor.run_many`` streams requests through the stages
+so that stage k works on request i while stage k+1 works on request i-1 (a pipeline: one
+thread per stage; onnxruntime releases the GIL while it computes).
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
+from edgec.runtimes.aggregation import aggregate
 from edgec.runtimes.backends import Backend, Feeds
-from edgec.runtimes.manifest import Manifest
+from edgec.runtimes.manifest import Manifest, StageInfo
 
 from edgec.errors import PackageError
 
+_STOP = object()
+
+
+def _run_stage(backend: Backend, stage: StageInfo, tensors: dict[str, np.ndarray]) -> Feeds:
+    missing = [name for name in stage.inputs if name not in tensors]
+    if missing:
+        raise PackageError(f"stage {stage.name!r} needs {missing}, which no earlier stage makes")
+    return backend.run_stage(stage.name, {n: tensors[n] for n in stage.inputs})
+
+
+def run_chain(executor: Executor, feeds: Feeds) -> Feeds:
+    """Every stage in manifest (topological) order; each reads inputs or earlier outputs."""
+    tensors: dict[str, np.ndarray] = dict(feeds)
+    for stage in executor.manifest.stages:
+        tensors.update(_run_stage(executor.backend, stage, tensors))
+    return {out.name: tensors[out.name] for out in executor.manifest.outputs}
+
+
+def batch_slices(shares: list[float], batch: int) -> list[tuple[int, int]]:
+    """Split ``batch`` rows by ``shares`` (largest remainder); a stage may get zero rows."""
+    total = sum(shares)
+    exact = [batch * s / total for s in shares]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order[: batch - sum(counts)]:
+        counts[i] += 1
+    bounds, start = [], 0
+    for count in counts:
+        bounds.append((start, start + count))
+        start += count
+    return bounds
+
+
+def run_data_parallel(executor: Executor, feeds: Feeds) -> Feeds:
+    """Split the batch (axis 0 of every batched input) over the stages; aggregate the outputs."""
+    manifest = executor.manifest
+    batched = [t.name for t in manifest.inputs if t.shape and isinstance(t.shape[0], str)]
+    if not batched:
+        raise PackageError("a data-parallel package needs inputs with a symbolic batch axis")
+    batch = int(feeds[batched[0]].shape[0])
+    shares = [float(s.extra.get("batch_share", 1.0)) for s in manifest.stages]
+    jobs = []
+    for stage, (lo, hi) in zip(manifest.stages, batch_slices(shares, batch), strict=True):
+        if hi > lo:
+            part = {n: (v[lo:hi] if n in batched else v) for n, v in feeds.items()}
+            jobs.append(executor.pool.submit(_run_stage, executor.backend, stage, part))
+    results = [job.result() for job in jobs]
+    kind = manifest.aggregation.get("kind", "concat")
+    options = {k: v for k, v in manifest.aggregation.items() if k != "kind"}
+    return {
+        out.name: aggregate(kind, [r[out.name] for r in results], options)
+        for out in manifest.outputs
+    }
+
+
+def run_groups(executor: Executor, feeds: Feeds) -> Feeds:
+    """Head-parallel: stage groups in order (``extra["group"]``); the stages of a group run at
+    once on the same tensors and their same-named outputs are summed (the aggregation)."""
+    manifest = executor.manifest
+    groups: dict[int, list[StageInfo]] = {}
+    for stage in manifest.stages:
+        groups.setdefault(int(stage.extra.get("group", 0)), []).append(stage)
+    kind = manifest.aggregation.get("kind", "sum")
+    tensors: dict[str, np.ndarray] = dict(feeds)
+    for _, stages in sorted(groups.items()):
+        if len(stages) == 1:
+            tensors.update(_run_stage(executor.backend, stages[0], tensors))
+            continue
+        jobs = [executor.pool.submit(_run_stage, executor.backend, s, tensors) for s in stages]
+        parts = [job.result() for job in jobs]
+        for name in parts[0]:
+            tensors[name] = aggregate(kind, [p[name] for p in parts])
+    return {out.name: tensors[out.name] for out in manifest.outputs}
+
+
+Run = Callable[["Executor", Feeds], Feeds]
+EXECUTORS: dict[str, Run] = {
+    "single": run_chain,
+    "pipeline": run_chain,
+    "data": run_data_parallel,
+    "heads": run_groups,
+}
+
+
+class Executor:
+    """A manifest's stage graph over a backend. Thread-safe: requests may overlap."""
+
+    def __init__(self, manifest: Manifest, backend: Backend):
+        if manifest.strategy not in EXECUTORS:
+            raise PackageError(
+                f"package strategy {manifest.strategy!r} has no executor; known: {sorted(EXECUTORS)}"
+            )
+        self.manifest = manifest
+        self.backend = backend
+        self.pool = ThreadPoolExecutor(max_workers=max(1, len(manifest.stages)))
+        self._run = EXECUTORS[manifest.strategy]
+
+    def run(self, feeds: Feeds) -> Feeds:
+        return self._run(self, feeds)
+
+    def run_many(self, requests: Iterable[Feeds]) -> list[Feeds]:
+        """Results of every request, in order. A chain of stages works as a pipeline.
+
+        Raises the first request's error after every request has finished.
+        """
+        items = list(requests)
+        if self._run is not run_chain or len(self.manifest.stages) < 2:
+            return [self.run(feeds) for feeds in items]
+        stages = self.manifest.stages
+        queues: list[queue.Queue[Any]] = [queue.Queue() for _ in range(len(stages) + 1)]
+
+        def work(index: int) -> None:
+            stage = stages[index]
+            while (item := queues[index].get()) is not _STOP:
+                number, tensors, error = item
+                if error is None:
+                    try:
+                        tensors.update(_run_stage(self.backend, stage, tensors))
+                    except BaseException as exc:  # handed to the caller with its request
+                        error = exc
+                queues[index + 1].put((number, tensors, error))
+            queues[index + 1].put(_STOP)
+
+        threads = [
+            threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(stages))
+        ]
+        for thread in threads:
+            thread.start()
+        for number, feeds in enumerate(items):
+            queues[0].put((number, dict(feeds), None))
+        queues[0].put(_STOP)
+        done: dict[int, tuple[dict[str, np.ndarray], BaseException | None]] = {}
+        while (item := queues[-1].get()) is not _STOP:
+            done[item[0]] = (item[1], item[2])
+        for thread in threads:
+            thread.join()
+        for number in range(len(items)):
+            error = done[number][1]
+            if error is not None:
+                raise error
+        names = [out.name for out in self.manifest.outputs]
+        return [{n: done[i][0][n] for n in names} for i in range(len(items))]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
 
 def execute(manifest: Manifest, backend: Backend, feeds: Feeds) -> Feeds:
-    """Run every stage in order; each reads model inputs or earlier stages' outputs by name.
-
-    Stages are listed in topological order in the manifest, so one pass suffices.
-    """
-    tensors: dict[str, np.ndarray] = dict(feeds)
-    for stage in manifest.stages:
-        missing = [name for name in stage.inputs if name not in tensors]
-        if missing:
-            raise PackageError(
-                f"stage {stage.name!r} needs {missing}, which no earlier stage makes"
-            )
-        tensors.update(backend.run_stage(stage.name, {n: tensors[n] for n in stage.inputs}))
-    return {out.name: tensors[out.name] for out in manifest.outputs}
+    """One request through a one-off executor (``Executor`` keeps its threads between calls)."""
+    executor = Executor(manifest, backend)
+    try:
+        return executor.run(feeds)
+    finally:
+        executor.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from edgec.runtimes.backends import Backend, Feeds, create_backend
-from edgec.runtimes.executor import execute
+from edgec.runtimes.executor import Executor
 from edgec.runtimes.manifest import (
     ClassificationPostprocessing,
     EmbeddingPostprocessing,
@@ -84,6 +84,7 @@ class Runtime:
     def __init__(self, package: Package, *, backend: str = "local", **backend_options: Any):
         self.package = package
         self._backend: Backend = create_backend(backend, package, **backend_options)
+        self._executor = Executor(package.manifest, self._backend)
         pre = package.manifest.preprocessing
         self._text = (
             TextEncoder(pre, package.path(pre.tokenizer))
@@ -101,7 +102,12 @@ class Runtime:
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Model input tensors in, model output tensors out (raw, before post-processing)."""
-        return execute(self.manifest, self._backend, check_feeds(self.manifest.inputs, feeds))
+        return self._executor.run(check_feeds(self.manifest.inputs, feeds))
+
+    def run_many(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, np.ndarray]]:
+        """Many requests at once, results in order; a pipelined package overlaps its stages."""
+        checked = [check_feeds(self.manifest.inputs, feeds) for feeds in requests]
+        return self._executor.run_many(checked)
 
     def encode(self, inputs: Sequence[str] | np.ndarray) -> Feeds:
         """Apply the package's pre-processing: texts -> token tensors, images -> pixel tensor."""
@@ -134,6 +140,7 @@ class Runtime:
         return Classification(labels=labels, probabilities=probabilities)
 
     def close(self) -> None:
+        self._executor.close()
         self._backend.close()
 
     def __enter__(self) -> Runtime:

@@ -1,0 +1,229 @@
+"""Partitioning benchmark: predicted against measured stage times, pipeline throughput, Ray hops.
+
+    python benchmarks/partition.py --out benchmarks/results/partition.json
+
+1. ``profile-device`` measures this machine with 1 thread; two devices ``a`` and ``b`` get that
+   profile (one machine, two 1-thread devices, a link as fast as memory).
+2. minilm is planned as a 2-stage pipeline (objective throughput) at batch 1, sequence 128;
+   each stage's measured median time is compared with its prediction.
+3. 64 requests stream through the pipeline (local backend, ``run_many``) against the same 64
+   through the whole model on one 1-thread device.
+4. The pipeline runs on a local 2-node Ray cluster; the extra time per request over the local
+   backend, divided by the hops (stage calls), is Ray's cost per hop; bytes per hop from the
+   manifest's edges.
+
+Writes JSON to ``--out`` and a markdown table beside it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from edgec.exporters import export
+from edgec.exporters.partition import partition_package, planning_feeds
+from edgec.runtimes import load_package
+from edgec.runtimes.devices import DeviceSet, Link
+from edgec.runtimes.profiler import profile_device
+
+
+def median_ms(call, repeats: int, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[dict]:  # type: ignore[type-arg]
+    runtime = load_package(package)
+    backend = runtime._backend  # measure each stage alone, on its own session
+    tensors = dict(feeds)
+    rows = []
+    for stage in runtime.manifest.stages:
+        part = {n: tensors[n] for n in stage.inputs}
+        measured = median_ms(lambda s=stage.name, p=part: backend.run_stage(s, p), repeats)
+        tensors.update(backend.run_stage(stage.name, part))
+        predicted = float(stage.extra["predicted_ms"])
+        rows.append(
+            {
+                "stage": f"{label} {stage.name}",
+                "device": stage.device,
+                "nodes": stage.extra["nodes"],
+                "predicted_ms": round(predicted, 3),
+                "measured_ms": round(measured, 3),
+                "error": round(measured / predicted - 1, 3),
+            }
+        )
+    return rows
+
+
+def stream_seconds(package: Path, requests: list[dict], pipelined: bool) -> float:  # type: ignore[type-arg]
+    runtime = load_package(package)
+    runtime.run_many(requests[:4])  # warm-up
+    start = time.perf_counter()
+    if pipelined:
+        runtime.run_many(requests)
+    else:
+        for feeds in requests:
+            runtime.run(feeds)
+    return time.perf_counter() - start
+
+
+def parallel_ceiling(package: Path, requests: list[dict]) -> float:  # type: ignore[type-arg]
+    """What two cores give right now: two independent whole-model 1-thread sessions running the
+    requests in two threads, against one session running them all (time ratio)."""
+    import threading
+
+    first, second = load_package(package), load_package(package)
+    first.run(requests[0])
+    second.run(requests[0])
+    start = time.perf_counter()
+    for feeds in requests:
+        first.run(feeds)
+    alone = time.perf_counter() - start
+    half = len(requests) // 2
+    threads = [
+        threading.Thread(target=lambda r=r, part=part: [r.run(f) for f in part])
+        for r, part in ((first, requests[:half]), (second, requests[half:]))
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return alone / (time.perf_counter() - start)
+
+
+def ray_hops(package: Path, feeds: dict, repeats: int) -> dict:  # type: ignore[type-arg]
+    import ray
+    from ray.cluster_utils import Cluster
+
+    manifest = load_package(package).manifest
+    head = {"num_cpus": 1, "resources": {"device:a": 1}, "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        cluster.add_node(num_cpus=1, resources={"device:b": 1})
+        cluster.wait_for_nodes()
+        local = load_package(package)
+        remote = load_package(package, backend="ray", address=cluster.address, timeout_s=60)
+        local_ms = median_ms(lambda: local.run(feeds), repeats)
+        ray_ms = median_ms(lambda: remote.run(feeds), repeats)
+        remote.close()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    hops = len(manifest.stages)
+    stage_edges = [e for e in manifest.edges if e["from"] != "input"]
+    return {
+        "local_ms": round(local_ms, 3),
+        "ray_ms": round(ray_ms, 3),
+        "hops": hops,
+        "ms_per_hop": round((ray_ms - local_ms) / hops, 3),
+        "bytes_between_stages": sum(e["bytes"] for e in stage_edges),
+        "note": "each hop is coordinator -> stage actor -> coordinator through Ray's object store",
+    }
+
+
+def markdown(result: dict) -> str:  # type: ignore[type-arg]
+    lines = [
+        f"Measured on {result['machine']} with `{result['command']}`; 1-minute load average "
+        f"{result['load_average_1min'][0]} before and {result['load_average_1min'][1]} after the "
+        "timings (other work on the machine).",
+        "",
+        "| what | predicted | measured | |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in result["stages"]:
+        lines.append(
+            f"| {row['stage']} on {row['device']} (nodes {row['nodes'][0]}..{row['nodes'][1]}) "
+            f"| {row['predicted_ms']} ms | {row['measured_ms']} ms | {row['error']:+.0%} |"
+        )
+    t = result["throughput"]
+    lines.append(
+        f"| 64 requests, 2-stage pipeline (2×1 thread) vs one 1-thread device | "
+        f"{t['predicted_speedup']:.2f}× | {t['speedup']:.2f}× | {t['pipeline_s']} s vs {t['single_s']} s |"
+    )
+    lines.append(
+        "| ceiling: two independent 1-thread sessions in two threads vs one (what the cores give now) "
+        f"| 2.00× | {t['two_independent_sessions_speedup']:.2f}× | |"
+    )
+    r = result.get("ray")
+    if r:
+        lines.append(
+            f"| Ray cost per hop (local 2-node cluster) | – | {r['ms_per_hop']} ms | "
+            f"{r['bytes_between_stages']} bytes between stages; {r['ray_ms']} ms vs {r['local_ms']} ms local per request |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/partition.json"))
+    parser.add_argument("--source", default="minilm")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="edgec-bench-"))
+    print(f"• exporting {args.source}")
+    export(args.source, work / "whole")
+    print("• profiling this machine (1 thread)")  # just before the timings it predicts
+    me = profile_device("a", threads=1)
+    devices = DeviceSet(
+        (me, replace(me, name="b")),
+        (Link(("a", "b"), bandwidth_mbps=100_000, latency_ms=0.0),),  # same machine
+    )
+    print("• partitioning: pipeline (throughput) and single")
+    piped = partition_package(work / "whole", work / "pipeline", devices, "pipeline", "throughput")
+    single = partition_package(work / "whole", work / "single", DeviceSet((me,)), "single")
+    inputs = piped.manifest.inputs
+    feeds = planning_feeds(inputs, 1, 128)
+    feeds["input_ids"] = (np.arange(128, dtype=np.int64).reshape(1, 128) % 90) + 1000
+    print("• timing stages")
+    load_before = os.getloadavg()[0]
+    stages = stage_times(work / "pipeline", feeds, args.repeats, "pipeline")
+    stages += stage_times(work / "single", feeds, args.repeats, "whole model,")
+    print(f"• streaming {args.requests} requests")
+    requests = [feeds] * args.requests
+    single_s = stream_seconds(work / "single", requests, pipelined=False)
+    pipeline_s = stream_seconds(work / "pipeline", requests, pipelined=True)
+    ceiling = parallel_ceiling(work / "single", requests)
+    result = {
+        "command": "python benchmarks/partition.py --out " + str(args.out),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "profile": me.to_json(),
+        "plan": piped.plan.to_json(),
+        "stages": stages,
+        "throughput": {
+            "requests": args.requests,
+            "single_s": round(single_s, 3),
+            "pipeline_s": round(pipeline_s, 3),
+            "speedup": round(single_s / pipeline_s, 3),
+            "predicted_speedup": round(single.plan.period_ms / piped.plan.period_ms, 3),
+            "two_independent_sessions_speedup": round(ceiling, 3),
+        },
+    }
+    if not args.no_ray:
+        print("• Ray: local 2-node cluster")
+        result["ray"] = ray_hops(work / "pipeline", feeds, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

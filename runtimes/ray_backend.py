@@ -1,0 +1,149 @@
+"""The Ray backend: each stage an actor on the node that offers its device's resource.
+
+A device joins the cluster with ``edgec join --device NAME`` (``ray start`` with the custom
+resource ``device:NAME``); the stage actor asks for a sliver of that resource, so Ray places it
+there. Stage files travel through Ray's object store (sha256 checked on arrival), so devices
+need no copy of the package. A stage that does not answer within ``timeout_s`` fails the
+request with a ``DeviceError`` naming its device; actors restart (without limit) when their
+device rejoins, so service resumes without restarting the coordinator.
+
+``ray`` is imported only when this backend is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+from edgec.runtimes.backends import Feeds
+from edgec.runtimes.manifest import DeviceInfo
+from edgec.runtimes.package import Package
+
+from edgec.errors import DeviceError, InputError
+
+RESOURCE_PREFIX = "device:"
+STAGE_RESOURCE = 0.001  # a sliver, so that many stages may share one device
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def device_resource(name: str) -> str:
+    """The Ray custom resource that marks the node of device ``name``."""
+    return f"{RESOURCE_PREFIX}{name}"
+
+
+class StageWorker:
+    """Runs one stage's ONNX model (given as bytes) with its device's providers and threads."""
+
+    def __init__(self, model: bytes, sha256: str, device: dict[str, Any]):
+        import onnxruntime as ort
+        from edgec.runtimes.backends import session_options
+
+        if hashlib.sha256(model).hexdigest() != sha256:
+            raise DeviceError("stage file arrived corrupted: its sha256 does not match")
+        info = DeviceInfo.from_json(device)
+        self._session = ort.InferenceSession(
+            model, sess_options=session_options(info), providers=list(info.providers)
+        )
+        self._names = [o.name for o in self._session.get_outputs()]
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, feeds: Feeds) -> Feeds:
+        try:
+            values = self._session.run(self._names, feeds)
+        except Exception as exc:  # onnxruntime's error types do not pickle reliably
+            raise InputError(f"stage rejected its inputs: {exc}") from None
+        return dict(zip(self._names, values, strict=True))
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise DeviceError("the Ray backend needs ray: pip install 'edgec[cluster]'") from None
+    return ray
+
+
+class RayBackend:
+    """Stages as Ray actors placed by device resource. Thread-safe for concurrent requests."""
+
+    def __init__(
+        self,
+        package: Package,
+        *,
+        address: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float | None = None,
+    ):
+        ray = _import_ray()
+        self._ray = ray
+        self.timeout_s = float(timeout_s)
+        manifest = package.manifest
+        if not ray.is_initialized():
+            if address is None:
+                raise DeviceError("the Ray backend needs the cluster's address (HOST:PORT)")
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise DeviceError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
+        offered = ray.cluster_resources()
+        wanted = sorted({s.device for s in manifest.stages})
+        missing = [d for d in wanted if offered.get(device_resource(d), 0) <= 0]
+        if missing:
+            raise DeviceError(
+                f"device(s) {missing} are not in the Ray cluster (no node offers "
+                f"{[device_resource(d) for d in missing]}); on each run "
+                f"`edgec join --device NAME --address {address or 'HOST:PORT'}`"
+            )
+        worker = ray.remote(StageWorker)
+        files: dict[str, Any] = {}
+        self._devices = {s.name: s.device for s in manifest.stages}
+        self._actors: dict[str, Any] = {}
+        for stage in manifest.stages:
+            if stage.file not in files:  # keep the refs: restarted actors read them again
+                files[stage.file] = ray.put(package.path(stage.file).read_bytes())
+            self._actors[stage.name] = worker.options(
+                resources={device_resource(stage.device): STAGE_RESOURCE},
+                num_cpus=0,
+                max_restarts=-1,
+                max_task_retries=0,
+            ).remote(files[stage.file], stage.sha256, manifest.device(stage.device).to_json())
+        self._files = files
+        for name, actor in self._actors.items():
+            self._get(name, actor.ready.remote(), connect_timeout_s or self.timeout_s)
+
+    def _get(self, stage: str, ref: Any, timeout_s: float) -> Any:
+        ray = self._ray
+        device = self._devices[stage]
+        started = time.perf_counter()
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref)
+            raise DeviceError(
+                f"device {device!r} (stage {stage!r}) did not answer within {timeout_s:g} s"
+            ) from None
+        except ray.exceptions.RayActorError as exc:
+            waited = time.perf_counter() - started
+            raise DeviceError(
+                f"device {device!r} (stage {stage!r}) is unreachable after {waited:.1f} s: "
+                f"its node died or left the cluster ({type(exc).__name__})"
+            ) from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, InputError | DeviceError):
+                raise type(cause)(f"device {device!r} (stage {stage!r}): {cause}") from None
+            raise DeviceError(f"device {device!r} (stage {stage!r}) failed: {exc}") from None
+
+    def run_stage(self, stage: str, feeds: Feeds) -> Feeds:
+        ref = self._actors[stage].run.remote({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return dict(self._get(stage, ref, self.timeout_s))
+
+    def close(self) -> None:
+        for actor in self._actors.values():
+            self._ray.kill(actor, no_restart=True)
+        self._actors.clear()
+        self._files.clear()
