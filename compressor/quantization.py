@@ -1,0 +1,136 @@
+"""int8 on the torch side: choose what is quantized, put weights on the int8 grid, simulate.
+
+Weights get per-output-channel symmetric int8 (scale = max|row| / 127), the grid onnxruntime's
+``quantize_dynamic(per_channel=True)`` uses, so the exporter's quantization reproduces these
+exact integers and shared weights keep their small codebooks. Activations are simulated as
+onnxruntime's ``DynamicQuantizeLinear`` does (per tensor, uint8, range including 0), with a
+straight-through gradient so a later distillation sees the quantization.
+
+With a ``fidelity_floor``, Linears fall back to float, most sensitive first (sensitivity measured
+on calibration batches), until the floor on mean cosine is met on those batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from edgec.models.adapters import adapter_for
+from edgec.models.spec import ModelSpec
+from torch import nn
+from tqdm import tqdm
+
+from edgec.compressor.calibration import Dataset
+from edgec.compressor.fidelity import compare, model_vectors
+from edgec.compressor.recipe import QuantizeStep
+
+SIM_ATTR = "_edgec_activation_quant"
+
+
+def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """Symmetric int8 fake quantization: round(w / s) * s, s = max|row| / 127 (or max|w|)."""
+    peak = weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().amax()
+    scale = peak.clamp_min(1e-12) / 127
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
+def _dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
+    """DynamicQuantizeLinear's round trip: uint8, per tensor, range always including 0."""
+    lo = x.detach().min().clamp(max=0)
+    hi = x.detach().max().clamp(min=0)
+    scale = ((hi - lo) / 255).clamp_min(1e-12)
+    zero = (-lo / scale).round().clamp(0, 255)
+    q = ((x / scale).round() + zero).clamp(0, 255)
+    return x + ((q - zero) * scale - x).detach()  # straight-through gradient
+
+
+def _simulate(linear: nn.Linear) -> torch.utils.hooks.RemovableHandle:
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        return (_dynamic_uint8(args[0]),)
+
+    return linear.register_forward_pre_hook(hook)
+
+
+def remove_simulation(model: nn.Module) -> None:
+    for handle in getattr(model, SIM_ATTR, []):
+        handle.remove()
+    if hasattr(model, SIM_ATTR):
+        delattr(model, SIM_ATTR)
+
+
+def quantizable(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linears of the transformer blocks, by module name (what the exporter quantizes)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found: dict[str, nn.Linear] = {}
+    for p in adapter_for(model).layers(model):
+        for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
+            found[names[id(lin)]] = lin
+    return found
+
+
+def _apply(
+    model: nn.Module, linears: dict[str, nn.Linear], chosen: list[str], per_channel: bool = True
+) -> dict[str, torch.Tensor]:
+    """Quantize ``chosen`` in place with simulation hooks; return the float weights replaced."""
+    saved = {}
+    handles = list(getattr(model, SIM_ATTR, []))
+    for name in chosen:
+        lin = linears[name]
+        saved[name] = lin.weight.data.clone()
+        lin.weight.data.copy_(quantize_weight(lin.weight.data, per_channel))
+        handles.append(_simulate(lin))
+    setattr(model, SIM_ATTR, handles)
+    return saved
+
+
+def _restore(model: nn.Module, linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> None:
+    remove_simulation(model)
+    for name, weight in saved.items():
+        linears[name].weight.data.copy_(weight)
+
+
+def quantize(
+    model: nn.Module,
+    spec: ModelSpec,
+    step: QuantizeStep,
+    data: Dataset,
+    reference: np.ndarray | None = None,
+) -> tuple[nn.Module, dict[str, object]]:
+    """Put the block Linears on the int8 grid (except fallbacks) and simulate activations.
+
+    ``reference``: the original model's vectors on ``data`` (needed with a fidelity floor).
+    """
+    linears = quantizable(model)
+    names = list(linears)
+    excluded: list[str] = []
+    sensitivity: dict[str, float] = {}
+    if step.fidelity_floor is not None and reference is not None:
+        saved = _apply(model, linears, names, step.per_channel)
+        mean = compare(reference, model_vectors(model, spec, data), spec).cos_mean
+        _restore(model, linears, saved)
+        if mean < step.fidelity_floor:
+            for name in tqdm(names, desc="int8 sensitivity", unit="layer", leave=False):
+                saved = _apply(model, linears, [name], step.per_channel)
+                sensitivity[name] = 1 - compare(reference, model_vectors(model, spec, data), spec).cos_mean
+                _restore(model, linears, saved)
+            order = sorted(names, key=lambda n: -sensitivity[n])
+            for name in order:
+                excluded.append(name)
+                chosen = [n for n in names if n not in excluded]
+                saved = _apply(model, linears, chosen, step.per_channel)
+                mean = compare(reference, model_vectors(model, spec, data), spec).cos_mean
+                _restore(model, linears, saved)
+                if mean >= step.fidelity_floor:
+                    break
+    chosen = [n for n in names if n not in excluded]
+    _apply(model, linears, chosen, step.per_channel)
+    details: dict[str, object] = {
+        "mode": step.mode,
+        "per_channel": step.per_channel,
+        "weights": "int8 symmetric per output channel",
+        "activations": "uint8 dynamic per tensor" if step.mode == "dynamic" else f"uint8 static ({step.calibration})",
+        "quantized": chosen,
+        "float_fallback": excluded,
+    }
+    if step.mode == "static":
+        details["calibration"] = step.calibration
+    return model, details
