@@ -44,7 +44,8 @@ def kmeans_rows(
         total = torch.zeros(rows, k, dtype=w.dtype).scatter_add_(1, idx, w * imp)
         mass = torch.zeros(rows, k, dtype=w.dtype).scatter_add_(1, idx, imp)
         codebook = torch.where(mass > 0, total / mass.clamp_min(1e-30), codebook)
-    codebook, _ = codebook.sort(dim=1)
+    # fp16 centroids: the exporter stores float codebooks as fp16, and its decode stays exact.
+    codebook, _ = codebook.half().double().sort(dim=1)
     mids = (codebook[:, 1:] + codebook[:, :-1]) / 2
     idx = torch.searchsorted(mids.contiguous(), w.contiguous())
     return codebook.to(weight.dtype), idx

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgec.exporters.compressed import compress_graph
 from edgec.exporters.package_writer import hash_files, staging, write_manifest
 from edgec.exporters.torch_to_onnx import DEFAULT_OPSET, ParityCase, check_parity, export_onnx
 from edgec.models import load_model
@@ -66,6 +67,7 @@ def export(
         export_onnx(model, spec, root / MODEL_FILE, opset=opset)
         step("checking parity: onnxruntime against torch")
         parity = check_parity(model, spec, root / MODEL_FILE)
+        compressed = compress_graph(source, model, spec, root / MODEL_FILE)  # checkpoints only
         step("writing the package")
         files = hash_files(root, [MODEL_FILE, *_copy_assets(spec, root)])
         stage = StageInfo(
@@ -75,6 +77,7 @@ def export(
             sha256=files[MODEL_FILE],
             inputs=tuple(spec.input_names),
             outputs=tuple(spec.output_names),
+            contrib_ops=compressed.contrib_ops,
         )
         manifest = Manifest(
             name=spec.name,
@@ -86,6 +89,7 @@ def export(
             devices=(LOCAL_DEVICE,),
             stages=(stage,),
             files=files,
+            report=compressed.report,
             parity={
                 "reference": "torch fp32",
                 "max_abs_error": max(c.max_abs_error for c in parity),
