@@ -39,7 +39,7 @@ from edgec.compressor.recipe import (
 from edgec.compressor.sharing import share_weights
 from edgec.errors import FidelityError
 
-CALIBRATION_BATCHES_FOR_CHOICES = 4  # batches used to choose int8 fallbacks
+CALIBRATION_BATCHES_FOR_CHOICES = 8  # batches used to choose int8 fallbacks
 
 
 @dataclass

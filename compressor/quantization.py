@@ -7,7 +7,7 @@ onnxruntime's ``DynamicQuantizeLinear`` does (per tensor, uint8, range including
 straight-through gradient so a later distillation sees the quantization.
 
 With a ``fidelity_floor``, Linears fall back to float, most sensitive first (sensitivity measured
-on calibration batches), until the floor on mean cosine is met on those batches.
+on calibration batches), until the floor on the minimum cosine is met on those batches.
 """
 
 from __future__ import annotations
@@ -105,21 +105,22 @@ def quantize(
     sensitivity: dict[str, float] = {}
     if step.fidelity_floor is not None and reference is not None:
         saved = _apply(model, linears, names, step.per_channel)
-        mean = compare(reference, model_vectors(model, spec, data), spec).cos_mean
+        worst = compare(reference, model_vectors(model, spec, data), spec).cos_min
         _restore(model, linears, saved)
-        if mean < step.fidelity_floor:
+        if worst < step.fidelity_floor:
             for name in tqdm(names, desc="int8 sensitivity", unit="layer", leave=False):
                 saved = _apply(model, linears, [name], step.per_channel)
-                sensitivity[name] = 1 - compare(reference, model_vectors(model, spec, data), spec).cos_mean
+                fid = compare(reference, model_vectors(model, spec, data), spec)
+                sensitivity[name] = 1 - fid.cos_min
                 _restore(model, linears, saved)
             order = sorted(names, key=lambda n: -sensitivity[n])
             for name in order:
                 excluded.append(name)
                 chosen = [n for n in names if n not in excluded]
                 saved = _apply(model, linears, chosen, step.per_channel)
-                mean = compare(reference, model_vectors(model, spec, data), spec).cos_mean
+                worst = compare(reference, model_vectors(model, spec, data), spec).cos_min
                 _restore(model, linears, saved)
-                if mean >= step.fidelity_floor:
+                if worst >= step.fidelity_floor:
                     break
     chosen = [n for n in names if n not in excluded]
     _apply(model, linears, chosen, step.per_channel)

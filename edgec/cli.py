@@ -210,5 +210,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
 
 
+cli.add_command(__import__("edgec.cli_compress", fromlist=["compress"]).compress)
+
 if __name__ == "__main__":
     main()
