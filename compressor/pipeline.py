@@ -240,8 +240,18 @@ def compress(
     }
     say(f"writing the checkpoint to {output}")
     save_checkpoint(Path(output), model, spec, record)
+    if any(isinstance(s, QuantizeStep) and s.mode == "static" for s in plan.steps):
+        _save_calibration(Path(output), _head(data.calibration))
     _check_floor(plan, result.final, Path(output))
     return result
+
+
+def _save_calibration(path: Path, data: Dataset) -> None:
+    """Batches for static int8 activation ranges, read back by the exporter (keys b{i}.{input})."""
+    from edgec.exporters.compressed import CALIBRATION_FILE
+
+    arrays = {f"b{i}.{name}": v for i, b in enumerate(data.batches) for name, v in b.items()}
+    np.savez(path / CALIBRATION_FILE, **arrays)  # type: ignore[arg-type]
 
 
 def _describe(step: Step) -> str:

@@ -88,6 +88,33 @@ def _restore(model: nn.Module, linears: dict[str, nn.Linear], saved: dict[str, t
         linears[name].weight.data.copy_(weight)
 
 
+def local_sensitivity(
+    model: nn.Module, spec: ModelSpec, linears: dict[str, nn.Linear], data: Dataset,
+    per_channel: bool = True,
+) -> dict[str, float]:
+    """Per Linear, in one pass: the relative error (noise / signal energy) that int8 weights and
+    dynamic uint8 activations add to that Linear's own output on the calibration batches."""
+    noise = dict.fromkeys(linears, 0.0)
+    signal = dict.fromkeys(linears, 0.0)
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def measure(module: nn.Linear, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            w = quantize_weight(module.weight, per_channel)
+            approx = nn.functional.linear(_dynamic_uint8(args[0]), w, module.bias)
+            noise[name] += float((approx - out).pow(2).sum())
+            signal[name] += float(out.pow(2).sum())
+
+        return measure
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+    try:
+        model_vectors(model, spec, data)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: noise[n] / max(signal[n], 1e-30) for n in linears}
+
+
 def quantize(
     model: nn.Module,
     spec: ModelSpec,
@@ -98,40 +125,47 @@ def quantize(
     """Put the block Linears on the int8 grid (except fallbacks) and simulate activations.
 
     ``reference``: the original model's vectors on ``data`` (needed with a fidelity floor).
+    With a floor, Linears are ranked by their local int8 error and the fewest most sensitive
+    ones are left in float (bisection on the count) so the minimum cosine on ``data`` meets it.
     """
     linears = quantizable(model)
     names = list(linears)
     excluded: list[str] = []
     sensitivity: dict[str, float] = {}
-    if step.fidelity_floor is not None and reference is not None:
-        saved = _apply(model, linears, names, step.per_channel)
-        worst = compare(reference, model_vectors(model, spec, data), spec).cos_min
+
+    def worst_with(count: int) -> float:
+        chosen = [n for n in order[count:]]
+        saved = _apply(model, linears, chosen, step.per_channel)
+        cos_min = compare(reference, model_vectors(model, spec, data), spec).cos_min  # type: ignore[arg-type]
         _restore(model, linears, saved)
-        if worst < step.fidelity_floor:
-            for name in tqdm(names, desc="int8 sensitivity", unit="layer", leave=False):
-                saved = _apply(model, linears, [name], step.per_channel)
-                fid = compare(reference, model_vectors(model, spec, data), spec)
-                sensitivity[name] = 1 - fid.cos_min
-                _restore(model, linears, saved)
-            order = sorted(names, key=lambda n: -sensitivity[n])
-            for name in order:
-                excluded.append(name)
-                chosen = [n for n in names if n not in excluded]
-                saved = _apply(model, linears, chosen, step.per_channel)
-                worst = compare(reference, model_vectors(model, spec, data), spec).cos_min
-                _restore(model, linears, saved)
-                if worst >= step.fidelity_floor:
-                    break
+        return cos_min
+
+    if step.fidelity_floor is not None and reference is not None:
+        sensitivity = local_sensitivity(model, spec, linears, data, step.per_channel)
+        order = sorted(names, key=lambda n: -sensitivity[n])
+        if worst_with(0) < step.fidelity_floor:
+            low, high = 0, len(order)  # invariant: fails at low, meets at high (all float)
+            with tqdm(desc="int8 fallback search", unit="eval", leave=False) as bar:
+                while high - low > 1:
+                    mid = (low + high) // 2
+                    if worst_with(mid) >= step.fidelity_floor:
+                        high = mid
+                    else:
+                        low = mid
+                    bar.update()
+            excluded = order[:high]
     chosen = [n for n in names if n not in excluded]
     _apply(model, linears, chosen, step.per_channel)
     details: dict[str, object] = {
         "mode": step.mode,
         "per_channel": step.per_channel,
-        "weights": "int8 symmetric per output channel",
+        "weights": "int8 symmetric per output channel" if step.per_channel else "int8 symmetric per tensor",
         "activations": "uint8 dynamic per tensor" if step.mode == "dynamic" else f"uint8 static ({step.calibration})",
         "quantized": chosen,
         "float_fallback": excluded,
     }
+    if sensitivity:
+        details["sensitivity"] = {n: round(v, 6) for n, v in sensitivity.items()}
     if step.mode == "static":
         details["calibration"] = step.calibration
     return model, details

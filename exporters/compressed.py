@@ -69,6 +69,13 @@ def _agreement(model: nn.Module, spec: ModelSpec, path: Path) -> dict[str, float
     return {"cos_min": fid.cos_min, "cos_mean": fid.cos_mean, "sqnr_db": fid.sqnr_db}
 
 
+def _strip_metadata(proto: onnx.ModelProto) -> None:
+    """Drop per-node debug metadata (the exporter's source traces): bytes that do not run."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
 def compress_graph(
     source: str | os.PathLike[str], model: nn.Module, spec: ModelSpec, onnx_path: Path
 ) -> GraphCompression:
@@ -106,6 +113,7 @@ def compress_graph(
          "bytes_before": e.bytes_before, "bytes_after": e.bytes_after}
         for e in encoded
     ]
+    _strip_metadata(proto)
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(onnx_path))
     graph["vs_checkpoint"] = _agreement(model, spec, onnx_path)

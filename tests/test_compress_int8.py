@@ -104,3 +104,18 @@ def test_excluded_layers_are_found_by_value(wide_bert, tmp_path):
     names = {n.name for n in quantized.graph.node if n.op_type == "MatMul"}
     assert found[0] in names
     assert np.isfinite(len(names))
+
+
+def test_static_recipe_exports_qdq_with_its_calibration(wide_bert, text_calibration, tmp_path):
+    from edgec.compressor import Recipe, compress
+    from edgec.exporters import export
+
+    recipe = Recipe(name="static", steps=(QuantizeStep(mode="static", calibration="percentile"),))
+    compress(wide_bert, recipe, tmp_path / "ckpt", calib=text_calibration)
+    assert (tmp_path / "ckpt" / "calibration.npz").is_file()
+    export(tmp_path / "ckpt", tmp_path / "pkg")
+    manifest = read_package(tmp_path / "pkg").manifest
+    assert manifest.report["graph"]["int8"]["mode"] == "static"
+    assert manifest.report["graph"]["vs_checkpoint"]["cos_mean"] > 0.99
+    ops = _optimized_ops(tmp_path / "pkg" / "model.onnx", tmp_path)
+    assert sum(ops[o] for o in INTEGER_OPS) >= 8, ops
