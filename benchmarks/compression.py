@@ -77,8 +77,14 @@ def _timing_feeds(names: list[str], batch: int, seq: int, vocab: int) -> dict[st
 class Variant:
     """A way of running minilm: a name, bytes on disk, a batch runner returning hidden states."""
 
-    def __init__(self, name: str, size: int, run: Callable[[dict[str, np.ndarray]], np.ndarray],
-                 package: int | None = None, note: str = ""):
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        run: Callable[[dict[str, np.ndarray]], np.ndarray],
+        package: int | None = None,
+        note: str = "",
+    ):
         self.name, self.size, self.run, self.package, self.note = name, size, run, package, note
 
 
@@ -111,13 +117,13 @@ def build_variants(work: Path, reuse: bool, log: Callable[[str], None]) -> list[
     import io
 
     import torch
+    from edgec.exporters.fusion import _optimize
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import edgec
-    from edgec.exporters.fusion import _optimize
 
     torch.set_num_threads(THREADS)
-    model, spec = edgec.load_model("minilm")
+    model, _ = edgec.load_model("minilm")
     fp32 = work / "fp32.pkg"
     if not (reuse and fp32.is_dir()):
         log("exporting fp32")
@@ -144,8 +150,12 @@ def build_variants(work: Path, reuse: bool, log: Callable[[str], None]) -> list[
         _ort_variant("onnxruntime fp32", fp32_onnx),
         _ort_variant("onnxruntime fp32 + transformer optimizer", fused),
         _ort_variant("onnxruntime quantize_dynamic (defaults)", work / "ort-dynamic-defaults.onnx"),
-        _ort_variant("onnxruntime quantize_dynamic (per-channel)", work / "ort-dynamic-per-channel.onnx"),
-        _torch_variant("torch dynamic int8", torch_int8, buffer8.getbuffer().nbytes, "state_dict bytes"),
+        _ort_variant(
+            "onnxruntime quantize_dynamic (per-channel)", work / "ort-dynamic-per-channel.onnx"
+        ),
+        _torch_variant(
+            "torch dynamic int8", torch_int8, buffer8.getbuffer().nbytes, "state_dict bytes"
+        ),
     ]
     for recipe in RECIPES:
         ckpt, pkg = work / f"{recipe}.ckpt", work / f"{recipe}.pkg"
@@ -158,13 +168,13 @@ def build_variants(work: Path, reuse: bool, log: Callable[[str], None]) -> list[
         if not (reuse and pkg.is_dir()):
             log(f"edgec export {recipe}")
             edgec.export(ckpt, pkg)
-        variants.append(
-            _ort_variant(f"edgec {recipe}", pkg / "model.onnx", _package_bytes(pkg))
-        )
+        variants.append(_ort_variant(f"edgec {recipe}", pkg / "model.onnx", _package_bytes(pkg)))
     return variants
 
 
-def measure(variants: list[Variant], repeats: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def measure(
+    variants: list[Variant], repeats: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     from edgec.compressor.calibration import load_data
     from edgec.models import load_model
 
@@ -175,9 +185,7 @@ def measure(variants: list[Variant], repeats: int, log: Callable[[str], None]) -
     fp32_bytes = next(v.size for v in variants if v.name == "onnxruntime fp32")
     for variant in variants:
         log(f"measuring {variant.name}")
-        pooled = np.concatenate(
-            [_pool(variant.run(b), b["attention_mask"]) for b in held.batches]
-        )
+        pooled = np.concatenate([_pool(variant.run(b), b["attention_mask"]) for b in held.batches])
         if reference is None:
             reference = pooled  # torch fp32 comes first
         row: dict[str, Any] = {
@@ -190,7 +198,7 @@ def measure(variants: list[Variant], repeats: int, log: Callable[[str], None]) -
         for batch, seq in SHAPES:
             feeds = _timing_feeds(spec.input_names, batch, seq, spec.vocab_size or 30000)
             count = repeats * (3 if batch == 1 else 1)
-            row[f"ms_b{batch}x{seq}"] = _median_ms(lambda f=feeds: variant.run(f), 3, count)
+            row[f"ms_b{batch}x{seq}"] = _median_ms(lambda f=feeds, v=variant: v.run(f), 3, count)
         rows.append(row)
     base = next(r for r in rows if r["variant"] == "onnxruntime fp32 + transformer optimizer")
     for row in rows:
@@ -202,9 +210,10 @@ def measure(variants: list[Variant], repeats: int, log: Callable[[str], None]) -
 
 def digits_accuracy(work: Path, reuse: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """tiny-vit-digits test accuracy: fp32 package against the ``balanced`` package."""
-    import edgec
     from edgec.models.data import digits
     from edgec.runtimes import load_package
+
+    import edgec
 
     try:
         edgec.load_model("tiny-vit-digits")
@@ -228,15 +237,19 @@ def digits_accuracy(work: Path, reuse: bool, log: Callable[[str], None]) -> dict
         runtime = load_package(pkg)
         predicted = runtime.classify(images).labels
         names = runtime.manifest.postprocessing.labels  # type: ignore[union-attr]
-        accuracy = float(np.mean([names.index(p) == y for p, y in zip(predicted, labels, strict=True)]))
+        accuracy = float(
+            np.mean([names.index(p) == y for p, y in zip(predicted, labels, strict=True)])
+        )
         result[f"{name}_accuracy_%"] = accuracy * 100
         result[f"{name}_bytes"] = (pkg / "model.onnx").stat().st_size
     return result
 
 
 def markdown(rows: list[dict[str, Any]], digits_result: dict[str, Any]) -> str:
-    head = ("| variant | ONNX/weights MB | vs fp32 ONNX | cos min | cos mean | ms b1×128 | ms b32×128 "
-            "| speed-up b1 | speed-up b32 |\n|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| variant | ONNX/weights MB | vs fp32 ONNX | cos min | cos mean | ms b1×128 | ms b32×128 "
+        "| speed-up b1 | speed-up b32 |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     lines = [
         f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | 1/{1 / r['size_vs_fp32_onnx']:.1f} | "
         f"{r['cos_min']:.4f} | {r['cos_mean']:.4f} | {r['ms_b1x128']:.1f} | {r['ms_b32x128']:.0f} | "
@@ -258,7 +271,9 @@ def markdown(rows: list[dict[str, Any]], digits_result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compression.json"))
-    parser.add_argument("--work", type=Path, default=Path("build/bench"), help="Where artifacts go.")
+    parser.add_argument(
+        "--work", type=Path, default=Path("build/bench"), help="Where artifacts go."
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reuse", action="store_true", help="Reuse artifacts already in --work.")
     args = parser.parse_args()
@@ -276,8 +291,13 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/compression.py " + " ".join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": THREADS,
-                    "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": THREADS,
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+        },
         "fidelity_data": "200 held-out bundled sentences; cosine of pooled embeddings vs torch fp32",
         "rows": rows,
         "tiny_vit_digits": digits_result,

@@ -63,9 +63,7 @@ def _batches_of_tensors(spec: ModelSpec, arrays: dict[str, np.ndarray], batch: i
     if missing:
         raise InputError(f".npz lacks input(s) {missing}; the model takes {spec.input_names}")
     count = len(arrays[spec.input_names[0]])
-    return [
-        {n: arrays[n][i : i + batch] for n in spec.input_names} for i in range(0, count, batch)
-    ]
+    return [{n: arrays[n][i : i + batch] for n in spec.input_names} for i in range(0, count, batch)]
 
 
 def _read(path: Path) -> tuple[list[str] | None, dict[str, np.ndarray] | None, np.ndarray | None]:
@@ -89,7 +87,9 @@ def _read(path: Path) -> tuple[list[str] | None, dict[str, np.ndarray] | None, n
             except json.JSONDecodeError as exc:
                 raise InputError(f"{path}:{number}: not JSON: {exc}") from exc
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise InputError(f'{path}:{number}: each line must be {{"text": ..., "label"?: ...}}')
+                raise InputError(
+                    f'{path}:{number}: each line must be {{"text": ..., "label"?: ...}}'
+                )
             texts.append(row["text"])
             if "label" in row:
                 labels.append(int(row["label"]))
@@ -112,15 +112,20 @@ def _dataset(
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             labels = labels[order]
         return Dataset(_batches_of_text(spec, texts, batch), labels, origin)
-    if isinstance(spec.preprocessing, ImagePreprocessing) and arrays is not None:
-        if spec.preprocessing.input not in arrays and "images" in arrays:
-            arrays = encode_images(spec.preprocessing, arrays["images"])
+    pre = spec.preprocessing
+    if (
+        isinstance(pre, ImagePreprocessing)
+        and arrays
+        and pre.input not in arrays
+        and "images" in arrays
+    ):
+        arrays = encode_images(pre, arrays["images"])
     return Dataset(_batches_of_tensors(spec, arrays or {}, batch), labels, origin)
 
 
 def _split(
     texts: list[str] | None, arrays: dict[str, np.ndarray] | None, labels: np.ndarray | None
-) -> tuple[tuple, tuple]:  # type: ignore[type-arg]
+) -> tuple[tuple, tuple]:
     count = len(texts) if texts is not None else len(next(iter((arrays or {}).values())))
     cut = count - max(1, int(count * HELDOUT_FRACTION))
     if cut < 1:
@@ -153,8 +158,17 @@ def bundled(spec: ModelSpec, batch: int) -> CalibrationData:
         test_x, test_y = digits("test")
         note = f"using the bundled sample: digits, {len(train_x)} train, {len(test_x)} test"
         return CalibrationData(
-            _dataset(spec, None, encode_images(spec.preprocessing, train_x), train_y, "digits train", batch),
-            _dataset(spec, None, encode_images(spec.preprocessing, test_x), test_y, "digits test", batch),
+            _dataset(
+                spec,
+                None,
+                encode_images(spec.preprocessing, train_x),
+                train_y,
+                "digits train",
+                batch,
+            ),
+            _dataset(
+                spec, None, encode_images(spec.preprocessing, test_x), test_y, "digits test", batch
+            ),
             (note,),
         )
     raise InputError(f"{spec.name} has no bundled sample; give --calib DATA")

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from edgec.compressor.calibration import Dataset, Feeds
+from edgec.compressor.recipe import DistillStep
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
 
-from edgec.compressor.calibration import Dataset, Feeds
-from edgec.compressor.recipe import DistillStep
 
-
-def _loss(spec: ModelSpec, student: torch.Tensor, teacher: torch.Tensor, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss(
+    spec: ModelSpec, student: torch.Tensor, teacher: torch.Tensor, feeds: dict[str, torch.Tensor]
+) -> torch.Tensor:
     if spec.task == "classification":
         return nn.functional.kl_div(
             student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
@@ -34,7 +35,9 @@ def _loss(spec: ModelSpec, student: torch.Tensor, teacher: torch.Tensor, feeds: 
 
 def _batches(data: Dataset, batch_size: int, rng: np.random.Generator) -> list[Feeds]:
     """Re-batch the dataset's examples at random into ``batch_size`` groups (one epoch)."""
-    rows = [(bi, i) for bi, b in enumerate(data.batches) for i in range(len(next(iter(b.values()))))]
+    rows = [
+        (bi, i) for bi, b in enumerate(data.batches) for i in range(len(next(iter(b.values()))))
+    ]
     order = rng.permutation(len(rows))
     out = []
     for start in range(0, len(order), batch_size):
@@ -75,7 +78,11 @@ def distill(
     for _ in bar:
         if not queue:
             queue = _batches(data, step.batch_size, rng)
-        feeds = {n: torch.from_numpy(v).to(device) for n, v in queue.pop().items() if n in spec.input_names}
+        feeds = {
+            n: torch.from_numpy(v).to(device)
+            for n, v in queue.pop().items()
+            if n in spec.input_names
+        }
         with torch.no_grad():
             target = teacher(**feeds)[name]
         loss = _loss(spec, student(**feeds)[name], target, feeds)

@@ -11,11 +11,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from edgec.compressor.calibration import Dataset, Feeds
 from edgec.models.spec import ModelSpec
 from edgec.runtimes.manifest import EmbeddingPostprocessing
 from torch import nn
-
-from edgec.compressor.calibration import Dataset, Feeds
 
 
 @dataclass(frozen=True)

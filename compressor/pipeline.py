@@ -17,11 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from edgec.models import load_model
-from edgec.models.checkpoint import save_checkpoint
-from edgec.models.spec import ModelSpec
-from torch import nn
-
 from edgec.compressor.calibration import CalibrationData, Dataset, load_data
 from edgec.compressor.distillation import distill
 from edgec.compressor.fidelity import Fidelity, compare, model_vectors
@@ -37,6 +32,11 @@ from edgec.compressor.recipe import (
     load_recipe,
 )
 from edgec.compressor.sharing import share_weights
+from edgec.models import load_model
+from edgec.models.checkpoint import save_checkpoint
+from edgec.models.spec import ModelSpec
+from torch import nn
+
 from edgec.errors import FidelityError
 
 CALIBRATION_BATCHES_FOR_CHOICES = 8  # batches used to choose int8 fallbacks
@@ -112,14 +112,16 @@ def _distill(model: nn.Module, step: DistillStep, ctx: Context) -> tuple[nn.Modu
 
 def _share(model: nn.Module, step: ShareStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     model, details = share_weights(model, ctx.spec, step, ctx.data.calibration)
-    ctx.bits.update(details["bits"])  # type: ignore[arg-type]
+    ctx.bits.update(details["bits"])
     return model, details
 
 
-def _quantize(model: nn.Module, step: QuantizeStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+def _quantize(
+    model: nn.Module, step: QuantizeStep, ctx: Context
+) -> tuple[nn.Module, dict[str, Any]]:
     choice = _head(ctx.data.calibration)
     model, details = quantize(model, ctx.spec, step, choice, ctx.reference_calibration)
-    ctx.int8.update(details["quantized"])  # type: ignore[arg-type]
+    ctx.int8.update(details["quantized"])
     return model, details
 
 
@@ -251,7 +253,7 @@ def _save_calibration(path: Path, data: Dataset) -> None:
     from edgec.exporters.compressed import CALIBRATION_FILE
 
     arrays = {f"b{i}.{name}": v for i, b in enumerate(data.batches) for name, v in b.items()}
-    np.savez(path / CALIBRATION_FILE, **arrays)  # type: ignore[arg-type]
+    np.savez(path / CALIBRATION_FILE, **arrays)
 
 
 def _describe(step: Step) -> str:

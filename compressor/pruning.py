@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from edgec.compressor.calibration import Dataset
+from edgec.compressor.recipe import PruneStep
 from edgec.models.adapters import LayerParts, adapter_for
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
 
-from edgec.compressor.calibration import Dataset
-from edgec.compressor.recipe import PruneStep
 from edgec.errors import RecipeError
 
 
@@ -196,7 +196,7 @@ def _heads_to_keep(scores: list[np.ndarray], heads: float | tuple[int, ...]) -> 
         return kept
     normed = [s / max(float(np.linalg.norm(s)), 1e-30) for s in scores]
     total = sum(len(s) for s in scores)
-    remove = int(round(total * heads))
+    remove = round(total * heads)
     ranked = sorted(
         ((float(v), li, hi) for li, s in enumerate(normed) for hi, v in enumerate(s)),
     )
@@ -235,7 +235,7 @@ def prune(
     keep_heads = _heads_to_keep(scores.heads, step.heads)
     for parts, heads, neuron_scores in zip(layers, keep_heads, scores.neurons, strict=True):
         count = len(neuron_scores)
-        keep_n = max(1, count - int(round(count * step.ffn)))
+        keep_n = max(1, count - round(count * step.ffn))
         neurons = np.argsort(-neuron_scores, kind="stable")[:keep_n].tolist()
         slice_layer(model, parts, heads, neurons if keep_n < count else None)
     sparsity = unstructured_sparsity(model, step.unstructured) if step.unstructured else 0.0

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from edgec.compressor.calibration import Dataset
+from edgec.compressor.fidelity import compare, model_vectors
+from edgec.compressor.recipe import QuantizeStep
 from edgec.models.adapters import adapter_for
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
-
-from edgec.compressor.calibration import Dataset
-from edgec.compressor.fidelity import compare, model_vectors
-from edgec.compressor.recipe import QuantizeStep
 
 SIM_ATTR = "_edgec_activation_quant"
 
@@ -82,14 +81,19 @@ def _apply(
     return saved
 
 
-def _restore(model: nn.Module, linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]) -> None:
+def _restore(
+    model: nn.Module, linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]
+) -> None:
     remove_simulation(model)
     for name, weight in saved.items():
         linears[name].weight.data.copy_(weight)
 
 
 def local_sensitivity(
-    model: nn.Module, spec: ModelSpec, linears: dict[str, nn.Linear], data: Dataset,
+    model: nn.Module,
+    spec: ModelSpec,
+    linears: dict[str, nn.Linear],
+    data: Dataset,
     per_channel: bool = True,
 ) -> dict[str, float]:
     """Per Linear, in one pass: the relative error (noise / signal energy) that int8 weights and
@@ -97,7 +101,7 @@ def local_sensitivity(
     noise = dict.fromkeys(linears, 0.0)
     signal = dict.fromkeys(linears, 0.0)
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str):
         def measure(module: nn.Linear, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             w = quantize_weight(module.weight, per_channel)
             approx = nn.functional.linear(_dynamic_uint8(args[0]), w, module.bias)
@@ -136,7 +140,7 @@ def quantize(
     def worst_with(count: int) -> float:
         chosen = [n for n in order[count:]]
         saved = _apply(model, linears, chosen, step.per_channel)
-        cos_min = compare(reference, model_vectors(model, spec, data), spec).cos_min  # type: ignore[arg-type]
+        cos_min = compare(reference, model_vectors(model, spec, data), spec).cos_min
         _restore(model, linears, saved)
         return cos_min
 
@@ -159,8 +163,12 @@ def quantize(
     details: dict[str, object] = {
         "mode": step.mode,
         "per_channel": step.per_channel,
-        "weights": "int8 symmetric per output channel" if step.per_channel else "int8 symmetric per tensor",
-        "activations": "uint8 dynamic per tensor" if step.mode == "dynamic" else f"uint8 static ({step.calibration})",
+        "weights": "int8 symmetric per output channel"
+        if step.per_channel
+        else "int8 symmetric per tensor",
+        "activations": "uint8 dynamic per tensor"
+        if step.mode == "dynamic"
+        else f"uint8 static ({step.calibration})",
         "quantized": chosen,
         "float_fallback": excluded,
     }

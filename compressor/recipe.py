@@ -57,7 +57,7 @@ class PruneStep:
     def __post_init__(self) -> None:
         if isinstance(self.heads, list | tuple):
             object.__setattr__(self, "heads", tuple(self.heads))
-            for kept in self.heads:  # type: ignore[union-attr]
+            for kept in self.heads:
                 _positive_int("prune", "heads (kept per layer)", kept)
         else:
             _fraction("prune", "heads", self.heads)
@@ -228,9 +228,11 @@ def recipe_from_dict(data: object, name: str = "custom") -> Recipe:
             raw = {raw: {}}
         if not isinstance(raw, dict) or len(raw) != 1:
             raise RecipeError(f"steps[{index}] must be one of {sorted(STEPS)} with its options")
-        (kind, options), = raw.items()
+        ((kind, options),) = raw.items()
         if kind not in STEPS:
-            raise RecipeError(f"unknown step {kind!r} at steps[{index}]; valid steps: {sorted(STEPS)}")
+            raise RecipeError(
+                f"unknown step {kind!r} at steps[{index}]; valid steps: {sorted(STEPS)}"
+            )
         steps.append(_build(STEPS[kind], f"steps[{index}].{kind}", options))
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):

@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from edgec.compressor.calibration import Dataset
+from edgec.compressor.recipe import ShareStep
 from edgec.models.adapters import adapter_for
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
-
-from edgec.compressor.calibration import Dataset
-from edgec.compressor.recipe import ShareStep
 
 
 def kmeans_rows(
@@ -68,15 +67,16 @@ def share_tensor(
     return codebook.gather(1, idx)
 
 
-def input_energy(model: nn.Module, spec: ModelSpec, data: Dataset, linears: Iterable[nn.Linear],
-                 batches: int = 4) -> dict[int, torch.Tensor]:
+def input_energy(
+    model: nn.Module, spec: ModelSpec, data: Dataset, linears: Iterable[nn.Linear], batches: int = 4
+) -> dict[int, torch.Tensor]:
     """Mean squared input activation per column of each Linear, keyed by ``id(linear)``."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        sums[id(module)] = sums.get(id(module), 0) + x.pow(2).sum(0)  # type: ignore[operator]
+        sums[id(module)] = sums.get(id(module), 0) + x.pow(2).sum(0)
         counts[id(module)] = counts.get(id(module), 0) + x.shape[0]
 
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]
@@ -102,7 +102,8 @@ def shared_weights(model: nn.Module, step: ShareStep) -> dict[str, tuple[nn.Modu
         bits = step.embedding_bits or step.bits
         for emb in adapter.embeddings(model):
             chosen[id(emb)] = (emb, bits)
-        base = model.get_submodule(model.base_model_prefix) if hasattr(model, "base_model_prefix") and hasattr(model, model.base_model_prefix) else model
+        prefix = str(getattr(model, "base_model_prefix", ""))
+        base = getattr(model, prefix) if prefix and hasattr(model, prefix) else model
         position = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
         if isinstance(position, nn.Embedding):
             chosen[id(position)] = (position, bits)
@@ -118,8 +119,10 @@ def share_weights(
     linears = [m for m, _ in targets.values() if isinstance(m, nn.Linear)]
     energy = input_energy(model, spec, data, linears) if step.sensitivity and linears else {}
     bits_of: dict[str, int] = {}
-    for name, (module, bits) in tqdm(targets.items(), desc="clustering", unit="tensor", leave=False):
-        weight = module.weight  # type: ignore[union-attr]
+    for name, (module, bits) in tqdm(
+        targets.items(), desc="clustering", unit="tensor", leave=False
+    ):
+        weight = module.weight
         with torch.no_grad():
             shared = share_tensor(
                 weight.data, bits, step.granularity, energy.get(id(module)), step.iterations

@@ -16,13 +16,33 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 @click.command()
 @click.argument("source")
-@click.option("--recipe", required=True, help="Built-in recipe (int8, balanced, smallest) or YAML file.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: .txt, .jsonl or .npz.")
-@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help="Evaluation data (else a held-out part of --calib).")
+@click.option(
+    "--recipe", required=True, help="Built-in recipe (int8, balanced, smallest) or YAML file."
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory to write.",
+)
+@click.option(
+    "--calib", type=click.Path(path_type=Path), help="Calibration data: .txt, .jsonl or .npz."
+)
+@click.option(
+    "--eval",
+    "eval_data",
+    type=click.Path(path_type=Path),
+    help="Evaluation data (else a held-out part of --calib).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compress(
-    source: str, recipe: str, output: Path, calib: Path | None, eval_data: Path | None, as_json: bool
+    source: str,
+    recipe: str,
+    output: Path,
+    calib: Path | None,
+    eval_data: Path | None,
+    as_json: bool,
 ) -> None:
     """Compress SOURCE with RECIPE into a checkpoint; `edgec export CKPT -o PKG` packages it."""
     from edgec.compressor import compress as run_compress
@@ -51,8 +71,22 @@ def compress(
                 _fmt(f.accuracy, 2),
             ]
         )
-    headers = ["step", "params", "bytes (est.)", "heads/layer", "sparsity", "bits",
-               "float layers", "cos min", "cos mean", "SQNR dB", "top-1 agree %", "accuracy %"]
-    click.echo(format_table(headers, rows, title=f"checkpoint {result.path} (recipe {result.recipe.name})"))
+    headers = [
+        "step",
+        "params",
+        "bytes (est.)",
+        "heads/layer",
+        "sparsity",
+        "bits",
+        "float layers",
+        "cos min",
+        "cos mean",
+        "SQNR dB",
+        "top-1 agree %",
+        "accuracy %",
+    ]
+    click.echo(
+        format_table(headers, rows, title=f"checkpoint {result.path} (recipe {result.recipe.name})")
+    )
     for note in result.notes:
         click.echo(f"note: {note}")

@@ -16,15 +16,14 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from edgec.models.checkpoint import is_checkpoint, read_checkpoint
-from edgec.models.spec import ModelSpec
-from torch import nn
-
 from edgec.compressor.fidelity import compare, reduce_outputs
 from edgec.exporters.fusion import fuse
 from edgec.exporters.quantize import nodes_using, quantize_int8
 from edgec.exporters.torch_to_onnx import torch_outputs
 from edgec.exporters.weight_sharing import encode_shared_weights
+from edgec.models.checkpoint import is_checkpoint, read_checkpoint
+from edgec.models.spec import ModelSpec
+from torch import nn
 
 CALIBRATION_FILE = "calibration.npz"
 
@@ -91,7 +90,11 @@ def compress_graph(
 
     fusion = fuse(onnx_path, spec)
     proto = fusion.model if fusion.model is not None else onnx.load(str(onnx_path))
-    graph["fusion"] = {"note": fusion.note, "fused": fusion.fused, "max_abs_error": fusion.max_abs_error}
+    graph["fusion"] = {
+        "note": fusion.note,
+        "fused": fusion.fused,
+        "max_abs_error": fusion.max_abs_error,
+    }
 
     quant_steps = [s["quantize"] for s in meta["recipe"]["steps"] if "quantize" in s]
     if int8 and quant_steps:
@@ -109,8 +112,13 @@ def compress_graph(
 
     encoded = encode_shared_weights(proto)
     graph["weight_sharing"] = [
-        {"tensor": e.name, "shape": list(e.shape), "bits": e.bits,
-         "bytes_before": e.bytes_before, "bytes_after": e.bytes_after}
+        {
+            "tensor": e.name,
+            "shape": list(e.shape),
+            "bits": e.bits,
+            "bytes_before": e.bytes_before,
+            "bytes_after": e.bytes_after,
+        }
         for e in encoded
     ]
     _strip_metadata(proto)

@@ -52,8 +52,12 @@ def _optimize(path: Path, family: str, attention: bool) -> onnx.ModelProto:
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):
         optimized = optimize_model(
-            str(path), model_type=model_type, num_heads=0, hidden_size=0,
-            optimization_options=options, opt_level=0,
+            str(path),
+            model_type=model_type,
+            num_heads=0,
+            hidden_size=0,
+            optimization_options=options,
+            opt_level=0,
         )
     model = optimized.model
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -83,7 +87,7 @@ def fuse(path: Path, spec: ModelSpec) -> FusionResult:
                 for f, exp in zip(feeds, expected, strict=True)
                 for a, e in zip(_outputs(fused, f), exp, strict=True)
             )
-        except Exception:  # noqa: BLE001 - a fused graph onnxruntime cannot run is not kept
+        except Exception:
             continue
         if error <= FUSION_TOLERANCE:
             note = "fused" if attention else "fused without attention (attention did not match)"

@@ -140,7 +140,9 @@ def _plan(array: np.ndarray) -> tuple[int, bool] | None:
     return best[0], best[1]
 
 
-def encode_shared_weights(model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS) -> list[Encoded]:
+def encode_shared_weights(
+    model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
+) -> list[Encoded]:
     """Replace, in place, each 2-D float32/int8 initializer with few distinct values per row by
     its packed encoding and decode subgraph. Returns what was encoded."""
     graph = model.graph
@@ -187,7 +189,9 @@ def encode_shared_weights(model: onnx.ModelProto, min_elements: int = MIN_ELEMEN
     if encoded:
         del graph.initializer[:]
         graph.initializer.extend(keep)
-        ordered = new_nodes + list(graph.node)  # decodes first: the graph stays topologically sorted
+        ordered = new_nodes + list(
+            graph.node
+        )  # decodes first: the graph stays topologically sorted
         del graph.node[:]
         graph.node.extend(ordered)
     return encoded

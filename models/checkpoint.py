@@ -86,13 +86,10 @@ def _spec_from_json(data: dict[str, Any], root: Path) -> ModelSpec:
     )
 
 
-def save_checkpoint(
-    path: Path, model: nn.Module, spec: ModelSpec, record: dict[str, Any]
-) -> Path:
+def save_checkpoint(path: Path, model: nn.Module, spec: ModelSpec, record: dict[str, Any]) -> Path:
     """Write ``model`` and ``spec`` with ``record`` (recipe, steps, report) to ``path``."""
-    from safetensors.torch import save_model
-
     from edgec.compressor.pruning import layer_shapes
+    from safetensors.torch import save_model
 
     path.mkdir(parents=True, exist_ok=True)
     heads, ffn = layer_shapes(model)
@@ -105,7 +102,7 @@ def save_checkpoint(
         "kind": "edgec-checkpoint",
         "spec": _spec_to_json(spec),
         "model_class": type(model).__name__,
-        "config": model.config.to_dict(),  # type: ignore[operator]
+        "config": model.config.to_dict(),  # type: ignore[union-attr,operator]
         "shapes": {"heads": heads, "ffn": ffn},
         "weights": WEIGHTS_FILE,
         **record,
@@ -132,9 +129,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the compressed model (eval mode) and its spec from a checkpoint directory."""
     import transformers
-    from safetensors.torch import load_model
-
     from edgec.compressor.pruning import reshape_layers
+    from safetensors.torch import load_model
 
     meta = read_checkpoint(path)
     config_data = dict(meta["config"])

@@ -10,15 +10,21 @@ import onnxruntime as ort
 import pytest
 import torch
 from edgec.compressor.calibration import Dataset
-from edgec.compressor.fidelity import compare, model_vectors
+from edgec.compressor.fidelity import model_vectors
 from edgec.compressor.quantization import quantize, quantize_weight, remove_simulation
 from edgec.compressor.recipe import QuantizeStep
 from edgec.exporters.quantize import nodes_using, quantize_int8
 from edgec.models import load_model
 from edgec.runtimes import read_package
 
-INTEGER_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul",
-               "QAttention", "QGemm"}
+INTEGER_OPS = {
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "QAttention",
+    "QGemm",
+}
 
 
 def _optimized_ops(path, tmp_path) -> Counter:
@@ -65,8 +71,12 @@ def test_static_qdq_is_fused_into_integer_kernels(wide_bert, tmp_path):
     export_onnx(model, spec, tmp_path / "float.onnx")
     batches = [spec.example_inputs(batch=2, sequence=12, seed=s) for s in range(4)]
     proto = quantize_int8(
-        onnx.load(str(tmp_path / "float.onnx")), mode="static", per_channel=True, exclude=[],
-        calibration=batches, method="minmax",
+        onnx.load(str(tmp_path / "float.onnx")),
+        mode="static",
+        per_channel=True,
+        exclude=[],
+        calibration=batches,
+        method="minmax",
     )
     assert Counter(n.op_type for n in proto.graph.node)["QuantizeLinear"] > 0
     onnx.save_model(proto, str(tmp_path / "qdq.onnx"))

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from edgec.cli import cli
 from edgec.compressor import compress
 from edgec.compressor.calibration import load_data
 from edgec.compressor.fidelity import compare
@@ -16,6 +15,7 @@ from edgec.models import load_model
 from edgec.models.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from edgec.runtimes import load_package, read_package
 
+from edgec.cli import cli
 from edgec.errors import FidelityError, SourceError
 
 
@@ -34,7 +34,9 @@ def test_checkpoint_reloads_exactly(compressed_bert):
     assert report[-1]["fidelity"]["cos_mean"] > 0.9
     feeds = spec.example_inputs(batch=2, sequence=12)
     again, _ = load_model(checkpoint)
-    assert np.array_equal(torch_outputs(model, spec, feeds)[0], torch_outputs(again, spec, feeds)[0])
+    assert np.array_equal(
+        torch_outputs(model, spec, feeds)[0], torch_outputs(again, spec, feeds)[0]
+    )
 
 
 def test_exported_checkpoint_package_carries_the_report(compressed_bert, wide_bert):
@@ -63,8 +65,18 @@ def test_cli_compress_table_and_json(wide_bert, text_calibration, tmp_path):
     recipe.write_text("steps:\n  - prune: {heads: 0.25, importance: magnitude}\n  - quantize\n")
     runner = CliRunner()
     result = runner.invoke(
-        cli, ["compress", str(wide_bert), "--recipe", str(recipe), "-o", str(tmp_path / "c"),
-              "--calib", str(text_calibration), "--json"],
+        cli,
+        [
+            "compress",
+            str(wide_bert),
+            "--recipe",
+            str(recipe),
+            "-o",
+            str(tmp_path / "c"),
+            "--calib",
+            str(text_calibration),
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -72,8 +84,17 @@ def test_cli_compress_table_and_json(wide_bert, text_calibration, tmp_path):
     assert data["steps"][1]["heads_kept"] == [3, 3] or sum(data["steps"][1]["heads_kept"]) == 6
     assert "held out" in data["notes"][0]
     table = runner.invoke(
-        cli, ["compress", str(wide_bert), "--recipe", str(recipe), "-o", str(tmp_path / "d"),
-              "--calib", str(text_calibration)],
+        cli,
+        [
+            "compress",
+            str(wide_bert),
+            "--recipe",
+            str(recipe),
+            "-o",
+            str(tmp_path / "d"),
+            "--calib",
+            str(text_calibration),
+        ],
     )
     assert table.exit_code == 0
     assert "cos min" in table.stdout and "quantize" in table.stdout
@@ -85,12 +106,21 @@ def test_floor_not_met_exits_7_with_the_numbers(wide_bert, text_calibration, tmp
         "floor: {min_cosine: 0.99999, mean_cosine: 0.99999}\n"
         "steps:\n  - prune: {heads: 0.75, ffn: 0.75, importance: magnitude}\n"
     )
-    from edgec.cli import main
-
     import sys
 
-    argv = ["edgec", "compress", str(wide_bert), "--recipe", str(recipe), "-o",
-            str(tmp_path / "c"), "--calib", str(text_calibration)]
+    from edgec.cli import main
+
+    argv = [
+        "edgec",
+        "compress",
+        str(wide_bert),
+        "--recipe",
+        str(recipe),
+        "-o",
+        str(tmp_path / "c"),
+        "--calib",
+        str(text_calibration),
+    ]
     old = sys.argv
     sys.argv = argv
     try:
@@ -110,7 +140,9 @@ def test_calibration_text_and_jsonl_split_off_a_held_out_part(tmp_path):
     text = tmp_path / "s.txt"
     text.write_text("\n".join(sentences))
     jsonl = tmp_path / "s.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": s, "label": i % 2}) for i, s in enumerate(sentences)))
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": s, "label": i % 2}) for i, s in enumerate(sentences))
+    )
     spec = _minilm_spec()
     for path in (text, jsonl):
         data = load_data(spec, path)
@@ -158,5 +190,3 @@ def test_unsupported_families_are_refused_by_name(tmp_path):
 
     with pytest.raises(SourceError, match="supported model types"):
         family_of("gpt2")
-
-

@@ -69,7 +69,7 @@ def test_unknown_recipe_name_lists_builtins():
 
 
 def test_dataclasses_refuse_bad_values():
-    with pytest.raises(RecipeError, match="prune.heads"):
+    with pytest.raises(RecipeError, match=r"prune\.heads"):
         PruneStep(heads=(2, 0))
-    with pytest.raises(RecipeError, match="share.embedding_bits"):
+    with pytest.raises(RecipeError, match=r"share\.embedding_bits"):
         ShareStep(embedding_bits=12)

@@ -36,8 +36,10 @@ def test_activation_weighted_kmeans_favours_heavy_columns():
     heavy[:20] = 100.0
     plain = kmeans_rows(weight, 2)
     weighted = kmeans_rows(weight, 2, heavy)
+
     def err(cb_idx):
         return (weight[:, :20] - cb_idx[0].gather(1, cb_idx[1])[:, :20]).pow(2).sum()
+
     assert err(weighted) < err(plain)
 
 
