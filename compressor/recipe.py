@@ -257,7 +257,7 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
         name="balanced",
         steps=(
             PruneStep(heads=0.5, ffn=0.5, importance="taylor"),
-            DistillStep(steps=150, lr=2e-4, batch_size=16),
+            DistillStep(steps=60, lr=3e-4, batch_size=16),
             ShareStep(bits=5, embedding_bits=4, layers=("linears", "embeddings")),
             QuantizeStep(mode="dynamic"),
         ),
@@ -267,7 +267,7 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
         name="smallest",
         steps=(
             PruneStep(heads=0.5, ffn=0.75, importance="taylor"),
-            DistillStep(steps=100, lr=2e-4, batch_size=16),
+            DistillStep(steps=40, lr=3e-4, batch_size=16),
             ShareStep(bits=3, embedding_bits=3, layers=("linears", "embeddings")),
             QuantizeStep(mode="dynamic"),
         ),

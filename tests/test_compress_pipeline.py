@@ -133,6 +133,7 @@ def test_floor_not_met_exits_7_with_the_numbers(wide_bert, text_calibration, tmp
         compress(wide_bert, recipe, tmp_path / "e", calib=text_calibration)
 
 
+@pytest.mark.slow
 def test_calibration_text_and_jsonl_split_off_a_held_out_part(tmp_path):
     from edgec.models.data import bundled_sentences
 
@@ -190,3 +191,31 @@ def test_unsupported_families_are_refused_by_name(tmp_path):
 
     with pytest.raises(SourceError, match="supported model types"):
         family_of("gpt2")
+
+
+@pytest.mark.slow
+def test_minilm_pruned_int8_package_keeps_the_embeddings(tmp_path):
+    """Real weights, real held-out sentences: 1 head of 12 per layer pruned, int8 Linears."""
+    from edgec.compressor import PruneStep, QuantizeStep, Recipe
+    from edgec.compressor.calibration import Dataset
+    from edgec.compressor.fidelity import model_vectors
+    from edgec.exporters import export
+    from edgec.models.data import bundled_sentences
+
+    recipe = Recipe(
+        name="light", steps=(PruneStep(heads=1 / 12, importance="magnitude"), QuantizeStep())
+    )
+    result = compress("minilm", recipe, tmp_path / "ckpt")
+    assert "bundled sample" in result.notes[0]
+    assert sum(result.final.heads_kept) == 66
+    assert result.final.fidelity.cos_mean > 0.9  # lossy; on the 200 held-out sentences
+    export(tmp_path / "ckpt", tmp_path / "pkg")
+    runtime = load_package(tmp_path / "pkg")
+    texts = bundled_sentences("heldout")[:32]
+    model, spec = load_model("minilm")
+    reference = model_vectors(model, spec, Dataset([runtime.encode(texts)], None, "held out"))
+    fid = compare(reference, runtime.embed(texts), spec)
+    assert fid.cos_mean > 0.9
+    assert (
+        read_package(tmp_path / "pkg").manifest.report["graph"]["vs_checkpoint"]["cos_mean"] > 0.98
+    )
