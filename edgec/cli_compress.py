@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from edgec.cli import emit_json, progress
 from edgec.table import format_table, human_bytes
 
 
@@ -45,6 +44,7 @@ def compress(
     as_json: bool,
 ) -> None:
     """Compress SOURCE with RECIPE into a checkpoint; `edgec export CKPT -o PKG` packages it."""
+    from edgec.cli import emit_json, progress  # here: edgec.cli imports this module
     from edgec.compressor import compress as run_compress
 
     result = run_compress(source, recipe, output, calib=calib, eval=eval_data, on_step=progress)
