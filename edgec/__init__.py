@@ -27,12 +27,14 @@ _LAZY = {
     "load_model": ("edgec.models", "load_model"),
     "ModelSpec": ("edgec.models", "ModelSpec"),
     "export": ("edgec.exporters", "export"),
+    "compress": ("edgec.compressor", "compress"),
     "load_package": ("edgec.runtimes", "load_package"),
     "read_package": ("edgec.runtimes", "read_package"),
     "Runtime": ("edgec.runtimes", "Runtime"),
 }
 
 if TYPE_CHECKING:
+    from edgec.compressor import compress
     from edgec.exporters import export
     from edgec.models import ModelSpec, load_model
     from edgec.runtimes import Runtime, load_package, read_package
@@ -60,6 +62,7 @@ __all__ = [
     "SignatureError",
     "SourceError",
     "__version__",
+    "compress",
     "export",
     "load_model",
     "load_package",

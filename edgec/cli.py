@@ -229,11 +229,6 @@ def inspect(package: Path, as_json: bool) -> None:
         )
 
 
-from edgec.cli_devices import register as _register_device_commands  # noqa: E402
-
-_register_device_commands(cli)  # profile-device, plan, partition, join
-
-
 def main() -> None:
     """Entry point: run the CLI, turning ``EdgecError`` into one line and its exit code."""
     try:
@@ -251,10 +246,15 @@ def main() -> None:
         sys.exit(exc.exit_code)
 
 
-# Serving, signing and key commands live in their own module.
-from edgec.cli_serve import register as _register_serve  # noqa: E402
+# The commands of each capability live in their own module; they import `cli` helpers from
+# here, so they are registered after it is defined.
+from edgec.cli_compress import compress as _compress  # noqa: E402
+from edgec.cli_devices import register as _register_device_commands  # noqa: E402
+from edgec.cli_serve import register as _register_serve_commands  # noqa: E402
 
-_register_serve(cli)
+cli.add_command(_compress)  # compress
+_register_device_commands(cli)  # profile-device, plan, partition, join
+_register_serve_commands(cli)  # serve-on-device, sign, keygen
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgec.exporters.compressed import compress_graph
 from edgec.exporters.package_writer import hash_files, staging, write_manifest
 from edgec.exporters.partition import partition_staged
 from edgec.exporters.partition.plan import Objective
@@ -76,6 +77,7 @@ def export(
         export_onnx(model, spec, root / MODEL_FILE, opset=opset)
         step("checking parity: onnxruntime against torch")
         parity = check_parity(model, spec, root / MODEL_FILE)
+        compressed = compress_graph(source, model, spec, root / MODEL_FILE)  # checkpoints only
         step("writing the package")
         files = hash_files(root, [MODEL_FILE, *_copy_assets(spec, root)])
         stage = StageInfo(
@@ -85,6 +87,7 @@ def export(
             sha256=files[MODEL_FILE],
             inputs=tuple(spec.input_names),
             outputs=tuple(spec.output_names),
+            contrib_ops=compressed.contrib_ops,
         )
         manifest = Manifest(
             name=spec.name,
@@ -96,6 +99,7 @@ def export(
             devices=(LOCAL_DEVICE,),
             stages=(stage,),
             files=files,
+            report=compressed.report,
             parity={
                 "reference": "torch fp32",
                 "max_abs_error": max(c.max_abs_error for c in parity),

@@ -146,7 +146,11 @@ def _pooling(directory: Path) -> EmbeddingPostprocessing | None:
 
 
 def load_model(source: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]:
-    """Load a built-in model or a Hugging Face directory offline, in eval mode, with its spec."""
+    """Load a built-in model, a Hugging Face directory or an edgec checkpoint, in eval mode."""
+    from edgec.models.checkpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(Path(os.fspath(source))):
+        return load_checkpoint(Path(os.fspath(source)))
     name, directory = resolve_source(source)
     if not (directory / "config.json").is_file():
         raise SourceError(f"{directory} has no config.json: not a Hugging Face model directory")

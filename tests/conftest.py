@@ -125,3 +125,54 @@ def minilm_server(minilm_package: Path):  # type: ignore[no-untyped-def]
     config = ServerConfig(max_batch=8, max_delay_ms=5, max_body_bytes=1 << 20)
     with RunningServer(load_app(minilm_package, config)) as server:
         yield server
+@pytest.fixture(scope="session")
+def text_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random token tensors for the random text models, as an .npz by input name."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 200, size=(40, 16))
+    mask = np.ones_like(ids)
+    mask[::2, 10:] = 0
+    path = tmp_path_factory.mktemp("calibration") / "tokens.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
+    return path
+
+
+@pytest.fixture(scope="session")
+def wide_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random BERT whose Linears are big enough (64x128) for the weight-sharing encoding."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(1)
+    config = tf.BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
+    return _save(tf.BertModel(config).eval(), tmp_path_factory.mktemp("wide") / "bert")
+
+
+@pytest.fixture(scope="session")
+def compressed_bert(
+    tmp_path_factory: pytest.TempPathFactory, wide_bert: Path, text_calibration: Path
+) -> tuple[Path, Path]:
+    """(checkpoint, package) of ``wide_bert`` pruned to 2 and 4 heads, 4-bit shared, int8."""
+    from edgec.compressor import PruneStep, QuantizeStep, Recipe, ShareStep, compress
+    from edgec.exporters import export
+
+    root = tmp_path_factory.mktemp("compressed")
+    recipe = Recipe(
+        name="test",
+        steps=(
+            PruneStep(heads=(2, 4), ffn=0.25, importance="magnitude"),
+            ShareStep(bits=4),
+            QuantizeStep(),
+        ),
+    )
+    compress(wide_bert, recipe, root / "ckpt", calib=text_calibration)
+    export(root / "ckpt", root / "pkg")
+    return root / "ckpt", root / "pkg"

@@ -1,0 +1,313 @@
+"""Compression benchmark: edgec's recipes against the peers, on minilm, in one run.
+
+    python benchmarks/compression.py --out benchmarks/results/compression.json
+
+2 threads everywhere. For each variant: bytes on disk (the ONNX file; package = all its files),
+median latency at batch 1 x 128 and batch 32 x 128 tokens (warm-up, then repeats), and fidelity
+against torch fp32 on the 200 held-out bundled sentences (cosine of the pooled, normalized
+embedding: min and mean). Also tiny-vit-digits test accuracy, fp32 against ``balanced``.
+Writes the JSON and a markdown table beside it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+THREADS = 2
+SHAPES = [(1, 128), (32, 128)]
+RECIPES = ["int8", "balanced", "smallest"]
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(run: Callable[[], Any], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    w = mask[..., None].astype(np.float32)
+    pooled = (hidden * w).sum(1) / np.maximum(w.sum(1), 1e-9)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def _cosines(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    cos = (reference * actual).sum(1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(actual, axis=1)
+    )
+    return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
+
+
+def _timing_feeds(names: list[str], batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    feeds = {
+        "input_ids": rng.integers(1000, vocab, (batch, seq), dtype=np.int64),
+        "attention_mask": np.ones((batch, seq), np.int64),
+        "token_type_ids": np.zeros((batch, seq), np.int64),
+    }
+    return {n: feeds[n] for n in names}
+
+
+class Variant:
+    """A way of running minilm: a name, bytes on disk, a batch runner returning hidden states."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        run: Callable[[dict[str, np.ndarray]], np.ndarray],
+        package: int | None = None,
+        note: str = "",
+    ):
+        self.name, self.size, self.run, self.package, self.note = name, size, run, package, note
+
+
+def _ort_variant(name: str, path: Path, package: int | None = None, note: str = "") -> Variant:
+    session = _session(path)
+    inputs = [i.name for i in session.get_inputs()]
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, {n: feeds[n] for n in inputs})[0]
+
+    return Variant(name, path.stat().st_size, run, package, note)
+
+
+def _torch_variant(name: str, model: Any, size: int, note: str = "") -> Variant:
+    import torch
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            args = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            return model(**args)["last_hidden_state"].numpy()
+
+    return Variant(name, size, run, None, note)
+
+
+def _package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build_variants(work: Path, reuse: bool, log: Callable[[str], None]) -> list[Variant]:
+    import io
+
+    import torch
+    from edgec.exporters.fusion import _optimize
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import edgec
+
+    torch.set_num_threads(THREADS)
+    model, _ = edgec.load_model("minilm")
+    fp32 = work / "fp32.pkg"
+    if not (reuse and fp32.is_dir()):
+        log("exporting fp32")
+        edgec.export("minilm", fp32)
+    fp32_onnx = fp32 / "model.onnx"
+    fused = work / "ort-fp32-optimized.onnx"
+    if not (reuse and fused.is_file()):
+        log("onnxruntime transformer optimizer")
+        import onnx
+
+        onnx.save_model(_optimize(fp32_onnx, "bert", attention=True), str(fused))
+    for per_channel, label in ((False, "defaults"), (True, "per-channel")):
+        out = work / f"ort-dynamic-{label}.onnx"
+        if not (reuse and out.is_file()):
+            log(f"onnxruntime quantize_dynamic ({label})")
+            quantize_dynamic(fused, out, per_channel=per_channel, weight_type=QuantType.QInt8)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    torch_int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    buffer8 = io.BytesIO()
+    torch.save(torch_int8.state_dict(), buffer8)
+    variants = [
+        _torch_variant("torch fp32 (eager)", model, buffer.getbuffer().nbytes, "state_dict bytes"),
+        _ort_variant("onnxruntime fp32", fp32_onnx),
+        _ort_variant("onnxruntime fp32 + transformer optimizer", fused),
+        _ort_variant("onnxruntime quantize_dynamic (defaults)", work / "ort-dynamic-defaults.onnx"),
+        _ort_variant(
+            "onnxruntime quantize_dynamic (per-channel)", work / "ort-dynamic-per-channel.onnx"
+        ),
+        _torch_variant(
+            "torch dynamic int8", torch_int8, buffer8.getbuffer().nbytes, "state_dict bytes"
+        ),
+    ]
+    for recipe in RECIPES:
+        ckpt, pkg = work / f"{recipe}.ckpt", work / f"{recipe}.pkg"
+        if not (reuse and (ckpt / "checkpoint.json").is_file()):
+            log(f"edgec compress minilm --recipe {recipe}")
+            try:
+                edgec.compress("minilm", recipe, ckpt)
+            except edgec.FidelityError as exc:  # the checkpoint is written; report what it reached
+                log(f"  {exc}")
+        if not (reuse and pkg.is_dir()):
+            log(f"edgec export {recipe}")
+            edgec.export(ckpt, pkg)
+        variants.append(_ort_variant(f"edgec {recipe}", pkg / "model.onnx", _package_bytes(pkg)))
+    return variants
+
+
+def measure(
+    variants: list[Variant], repeats: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    from edgec.compressor.calibration import load_data
+    from edgec.models import load_model
+
+    _, spec = load_model("minilm")
+    held = load_data(spec).evaluation  # the 200 held-out bundled sentences, in batches
+    reference = None
+    rows = []
+    fp32_bytes = next(v.size for v in variants if v.name == "onnxruntime fp32")
+    for variant in variants:
+        log(f"measuring {variant.name}")
+        pooled = np.concatenate([_pool(variant.run(b), b["attention_mask"]) for b in held.batches])
+        if reference is None:
+            reference = pooled  # torch fp32 comes first
+        row: dict[str, Any] = {
+            "variant": variant.name,
+            "bytes": variant.size,
+            "package_bytes": variant.package,
+            "size_vs_fp32_onnx": variant.size / fp32_bytes,
+            **_cosines(reference, pooled),
+        }
+        for batch, seq in SHAPES:
+            feeds = _timing_feeds(spec.input_names, batch, seq, spec.vocab_size or 30000)
+            count = repeats * (3 if batch == 1 else 1)
+            row[f"ms_b{batch}x{seq}"] = _median_ms(lambda f=feeds, v=variant: v.run(f), 3, count)
+        rows.append(row)
+    base = next(r for r in rows if r["variant"] == "onnxruntime fp32 + transformer optimizer")
+    for row in rows:
+        for batch, seq in SHAPES:
+            key = f"ms_b{batch}x{seq}"
+            row[f"speedup_b{batch}x{seq}"] = base[key] / row[key]
+    return rows
+
+
+def digits_accuracy(work: Path, reuse: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """tiny-vit-digits test accuracy: fp32 package against the ``balanced`` package."""
+    from edgec.models.data import digits
+    from edgec.runtimes import load_package
+
+    import edgec
+
+    try:
+        edgec.load_model("tiny-vit-digits")
+    except edgec.EdgecError as exc:
+        return {"skipped": str(exc)}
+    images, labels = digits("test")
+    result: dict[str, Any] = {"test_images": len(labels)}
+    for name, source in (("fp32", "tiny-vit-digits"), ("balanced", None)):
+        pkg = work / f"digits-{name}.pkg"
+        if source is None:
+            ckpt = work / "digits-balanced.ckpt"
+            if not (reuse and ckpt.is_dir()):
+                log("edgec compress tiny-vit-digits --recipe balanced")
+                try:
+                    edgec.compress("tiny-vit-digits", "balanced", ckpt)
+                except edgec.FidelityError as exc:
+                    log(f"  {exc}")
+            source = str(ckpt)
+        if not (reuse and pkg.is_dir()):
+            edgec.export(source, pkg)
+        runtime = load_package(pkg)
+        predicted = runtime.classify(images).labels
+        names = runtime.manifest.postprocessing.labels  # type: ignore[union-attr]
+        accuracy = float(
+            np.mean([names.index(p) == y for p, y in zip(predicted, labels, strict=True)])
+        )
+        result[f"{name}_accuracy_%"] = accuracy * 100
+        result[f"{name}_bytes"] = (pkg / "model.onnx").stat().st_size
+    return result
+
+
+def markdown(rows: list[dict[str, Any]], digits_result: dict[str, Any]) -> str:
+    head = (
+        "| variant | ONNX/weights MB | vs fp32 ONNX | cos min | cos mean | ms b1×128 | ms b32×128 "
+        "| speed-up b1 | speed-up b32 |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | 1/{1 / r['size_vs_fp32_onnx']:.1f} | "
+        f"{r['cos_min']:.4f} | {r['cos_mean']:.4f} | {r['ms_b1x128']:.1f} | {r['ms_b32x128']:.0f} | "
+        f"{r['speedup_b1x128']:.2f}× | {r['speedup_b32x128']:.2f}× |"
+        for r in rows
+    ]
+    text = head + "\n".join(lines) + "\n"
+    text += "\nSpeed-ups are against onnxruntime fp32 with its transformer optimizer.\n"
+    if "skipped" in digits_result:
+        text += f"\ntiny-vit-digits: skipped ({digits_result['skipped']})\n"
+    else:
+        text += (
+            f"\ntiny-vit-digits test accuracy ({digits_result['test_images']} images): fp32 "
+            f"{digits_result['fp32_accuracy_%']:.2f}%, balanced {digits_result['balanced_accuracy_%']:.2f}%\n"
+        )
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compression.json"))
+    parser.add_argument(
+        "--work", type=Path, default=Path("build/bench"), help="Where artifacts go."
+    )
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--reuse", action="store_true", help="Reuse artifacts already in --work.")
+    args = parser.parse_args()
+
+    def log(message: str) -> None:
+        print(f"• {message}", file=sys.stderr, flush=True)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    variants = build_variants(args.work, args.reuse, log)
+    rows = measure(variants, args.repeats, log)
+    digits_result = digits_accuracy(args.work, args.reuse, log)
+    import onnxruntime
+    import torch
+
+    result = {
+        "command": "python benchmarks/compression.py " + " ".join(sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "threads": THREADS,
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+        },
+        "fidelity_data": "200 held-out bundled sentences; cosine of pooled embeddings vs torch fp32",
+        "rows": rows,
+        "tiny_vit_digits": digits_result,
+        "seconds": round(time.time() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows, digits_result))
+    print(markdown(rows, digits_result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""``compress``: a model source and a recipe in, a checkpoint and its report out.
+
+The pipeline is a loop over the recipe's steps; each handler takes the model and its step and
+returns the model and what it did. After every step, fidelity against the original is measured
+on the evaluation data (never the data the step calibrated on).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from edgec.compressor.calibration import CalibrationData, Dataset, load_data
+from edgec.compressor.distillation import distill
+from edgec.compressor.fidelity import Fidelity, compare, model_vectors
+from edgec.compressor.pruning import layer_shapes, prune
+from edgec.compressor.quantization import quantize, remove_simulation
+from edgec.compressor.recipe import (
+    DistillStep,
+    PruneStep,
+    QuantizeStep,
+    Recipe,
+    ShareStep,
+    Step,
+    load_recipe,
+)
+from edgec.compressor.sharing import share_weights
+from edgec.models import load_model
+from edgec.models.checkpoint import save_checkpoint
+from edgec.models.spec import ModelSpec
+from torch import nn
+
+from edgec.errors import FidelityError
+
+CALIBRATION_BATCHES_FOR_CHOICES = 8  # batches used to choose int8 fallbacks
+
+
+@dataclass
+class Context:
+    """What the steps share: the spec, the data, the original model and the storage plan."""
+
+    spec: ModelSpec
+    data: CalibrationData
+    teacher: nn.Module
+    reference_calibration: np.ndarray
+    reference_evaluation: np.ndarray
+    seed: int
+    bits: dict[str, int] = field(default_factory=dict)  # shared weight -> bits per index
+    int8: set[str] = field(default_factory=set)  # Linear module names on the int8 grid
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One row of the report: a step, the model's size after it, what it did, its fidelity."""
+
+    step: str
+    parameters: int
+    bytes: int  # estimated stored size of the weights after this step
+    seconds: float
+    heads_kept: list[int]
+    details: dict[str, Any]
+    fidelity: Fidelity
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 2),
+            "heads_kept": self.heads_kept,
+            "details": self.details,
+            "fidelity": self.fidelity.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """The checkpoint path, the recipe, a report per step (the first is the original)."""
+
+    path: Path
+    recipe: Recipe
+    steps: list[StepReport]
+    notes: tuple[str, ...]
+
+    @property
+    def final(self) -> StepReport:
+        return self.steps[-1]
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "notes": list(self.notes),
+            "evaluation": "fidelity against the original on held-out data",
+            "steps": [s.to_json() for s in self.steps],
+        }
+
+
+def _prune(model: nn.Module, step: PruneStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    return prune(model, ctx.spec, step, ctx.data.calibration)
+
+
+def _distill(model: nn.Module, step: DistillStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    return distill(model, ctx.teacher, ctx.spec, step, ctx.data.calibration, ctx.seed)
+
+
+def _share(model: nn.Module, step: ShareStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    model, details = share_weights(model, ctx.spec, step, ctx.data.calibration)
+    ctx.bits.update(details["bits"])
+    return model, details
+
+
+def _quantize(
+    model: nn.Module, step: QuantizeStep, ctx: Context
+) -> tuple[nn.Module, dict[str, Any]]:
+    choice = _head(ctx.data.calibration)
+    model, details = quantize(model, ctx.spec, step, choice, ctx.reference_calibration)
+    ctx.int8.update(details["quantized"])
+    return model, details
+
+
+HANDLERS: dict[type, Callable[[nn.Module, Any, Context], tuple[nn.Module, dict[str, Any]]]] = {
+    PruneStep: _prune,
+    DistillStep: _distill,
+    ShareStep: _share,
+    QuantizeStep: _quantize,
+}
+
+
+def _head(data: Dataset) -> Dataset:
+    return Dataset(data.batches[:CALIBRATION_BATCHES_FOR_CHOICES], None, data.origin)
+
+
+def stored_bytes(model: nn.Module, bits: dict[str, int], int8: set[str]) -> int:
+    """Estimated bytes of the weights as the exporter stores them.
+
+    Shared: ``bits`` per index plus a codebook per row (int8 when on the int8 grid, else fp16);
+    int8: one byte per weight plus a float scale per row; anything else: 4 bytes per value.
+    """
+    total = 0
+    for name, tensor in model.state_dict().items():
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            continue
+        module = name.rsplit(".", 1)[0]
+        rows = tensor.shape[0] if tensor.ndim == 2 else 1
+        if name in bits:
+            codebook = 1 if module in int8 else 2
+            total += tensor.numel() * bits[name] // 8 + rows * (2 ** bits[name]) * codebook
+        elif module in int8 and name.endswith(".weight"):
+            total += tensor.numel() + 4 * rows
+        else:
+            total += tensor.numel() * 4
+    return total
+
+
+def _report(
+    name: str, model: nn.Module, ctx: Context, started: float, details: dict[str, Any]
+) -> StepReport:
+    vectors = model_vectors(model, ctx.spec, ctx.data.evaluation)
+    fidelity = compare(ctx.reference_evaluation, vectors, ctx.spec, ctx.data.evaluation.labels)
+    return StepReport(
+        step=name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        bytes=stored_bytes(model, ctx.bits, ctx.int8),
+        seconds=time.perf_counter() - started,
+        heads_kept=layer_shapes(model)[0],
+        details=details,
+        fidelity=fidelity,
+    )
+
+
+def _check_floor(recipe: Recipe, final: StepReport, path: Path) -> None:
+    floor, fid = recipe.floor, final.fidelity
+    failures = []
+    if floor.min_cosine is not None and fid.cos_min < floor.min_cosine:
+        failures.append(f"min cosine {fid.cos_min:.4f} < floor {floor.min_cosine}")
+    if floor.mean_cosine is not None and fid.cos_mean < floor.mean_cosine:
+        failures.append(f"mean cosine {fid.cos_mean:.4f} < floor {floor.mean_cosine}")
+    if (
+        floor.accuracy_drop is not None
+        and fid.accuracy is not None
+        and fid.reference_accuracy is not None
+        and fid.reference_accuracy - fid.accuracy > floor.accuracy_drop
+    ):
+        failures.append(
+            f"accuracy {fid.accuracy:.2f}% is {fid.reference_accuracy - fid.accuracy:.2f} points "
+            f"below the original's {fid.reference_accuracy:.2f}% (floor {floor.accuracy_drop})"
+        )
+    if failures:
+        raise FidelityError(
+            f"recipe {recipe.name!r} missed its fidelity floor: {'; '.join(failures)} "
+            f"(checkpoint written to {path} for inspection)"
+        )
+
+
+def compress(
+    source: str | os.PathLike[str],
+    recipe: str | os.PathLike[str] | Recipe,
+    output: str | os.PathLike[str],
+    calib: str | os.PathLike[str] | None = None,
+    eval: str | os.PathLike[str] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> CompressResult:
+    """Compress ``source`` with ``recipe`` into a checkpoint at ``output``.
+
+    Raises ``FidelityError`` (after writing the checkpoint) when the recipe's floor is not met.
+    """
+    say = on_step or (lambda _: None)
+    plan = load_recipe(recipe)
+    torch.manual_seed(plan.seed)
+    say(f"loading {source}")
+    model, spec = load_model(source)
+    teacher = copy.deepcopy(model).eval()
+    data = load_data(spec, calib, eval)
+    for note in data.notes:
+        say(note)
+    reference = model_vectors(teacher, spec, _head(data.calibration))
+    ctx = Context(
+        spec, data, teacher, reference, model_vectors(teacher, spec, data.evaluation), plan.seed
+    )
+    reports = [_report("original", model, ctx, time.perf_counter(), {})]
+    for step in plan.steps:
+        say(f"{step.kind}: {_describe(step)}")
+        started = time.perf_counter()
+        model, details = HANDLERS[type(step)](model, step, ctx)
+        reports.append(_report(step.kind, model, ctx, started, details))
+        fid = reports[-1].fidelity
+        say(f"{step.kind}: cosine min {fid.cos_min:.4f} mean {fid.cos_mean:.4f}")
+    remove_simulation(model)
+    result = CompressResult(Path(output), plan, reports, data.notes)
+    record = {
+        "recipe": plan.to_json(),
+        "steps": [{"step": r.step, **r.details} for r in reports[1:]],
+        "report": result.report(),
+        "storage": {"shared_bits": ctx.bits, "int8": sorted(ctx.int8)},
+    }
+    say(f"writing the checkpoint to {output}")
+    save_checkpoint(Path(output), model, spec, record)
+    if any(isinstance(s, QuantizeStep) and s.mode == "static" for s in plan.steps):
+        _save_calibration(Path(output), _head(data.calibration))
+    _check_floor(plan, result.final, Path(output))
+    return result
+
+
+def _save_calibration(path: Path, data: Dataset) -> None:
+    """Batches for static int8 activation ranges, read back by the exporter (keys b{i}.{input})."""
+    from edgec.exporters.compressed import CALIBRATION_FILE
+
+    arrays = {f"b{i}.{name}": v for i, b in enumerate(data.batches) for name, v in b.items()}
+    np.savez(path / CALIBRATION_FILE, **arrays)
+
+
+def _describe(step: Step) -> str:
+    fields = {k: v for k, v in vars(step).items() if not k.startswith("_")}
+    return ", ".join(f"{k}={v}" for k, v in fields.items())

@@ -1,0 +1,92 @@
+"""``edgec compress``: a thin layer over ``edgec.compressor.compress``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgec.table import format_table, human_bytes
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+@click.command()
+@click.argument("source")
+@click.option(
+    "--recipe", required=True, help="Built-in recipe (int8, balanced, smallest) or YAML file."
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory to write.",
+)
+@click.option(
+    "--calib", type=click.Path(path_type=Path), help="Calibration data: .txt, .jsonl or .npz."
+)
+@click.option(
+    "--eval",
+    "eval_data",
+    type=click.Path(path_type=Path),
+    help="Evaluation data (else a held-out part of --calib).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def compress(
+    source: str,
+    recipe: str,
+    output: Path,
+    calib: Path | None,
+    eval_data: Path | None,
+    as_json: bool,
+) -> None:
+    """Compress SOURCE with RECIPE into a checkpoint; `edgec export CKPT -o PKG` packages it."""
+    from edgec.cli import emit_json, progress  # here: edgec.cli imports this module
+    from edgec.compressor import compress as run_compress
+
+    result = run_compress(source, recipe, output, calib=calib, eval=eval_data, on_step=progress)
+    if as_json:
+        emit_json({"checkpoint": str(result.path), **result.report()})
+        return
+    rows = []
+    for s in result.steps:
+        d, f = s.details, s.fidelity
+        bits = sorted(set(d.get("bits", {}).values())) if isinstance(d.get("bits"), dict) else []
+        rows.append(
+            [
+                s.step,
+                f"{s.parameters / 1e6:.2f} M",
+                human_bytes(s.bytes),
+                "/".join(str(h) for h in s.heads_kept),
+                d.get("sparsity", "–"),
+                "/".join(str(b) for b in bits) or "–",
+                len(d.get("float_fallback", [])) if "float_fallback" in d else "–",
+                _fmt(f.cos_min),
+                _fmt(f.cos_mean),
+                _fmt(f.sqnr_db, 1),
+                _fmt(f.top1_agreement, 1),
+                _fmt(f.accuracy, 2),
+            ]
+        )
+    headers = [
+        "step",
+        "params",
+        "bytes (est.)",
+        "heads/layer",
+        "sparsity",
+        "bits",
+        "float layers",
+        "cos min",
+        "cos mean",
+        "SQNR dB",
+        "top-1 agree %",
+        "accuracy %",
+    ]
+    click.echo(
+        format_table(headers, rows, title=f"checkpoint {result.path} (recipe {result.recipe.name})")
+    )
+    for note in result.notes:
+        click.echo(f"note: {note}")

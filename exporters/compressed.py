@@ -1,0 +1,129 @@
+"""The ONNX side of a compressed checkpoint: fusion, int8, weight-sharing encoding.
+
+Applied by ``export`` after the float parity check, in this order: onnxruntime's transformer
+fusion (checked against the float graph), int8 with onnxruntime's quantizer (Linears the torch
+side kept in float stay float), then the packed encoding of shared weights (exact). The report
+says what each transform did and how close the final graph stays to the torch checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from edgec.compressor.fidelity import compare, reduce_outputs
+from edgec.exporters.fusion import fuse
+from edgec.exporters.quantize import nodes_using, quantize_int8
+from edgec.exporters.torch_to_onnx import torch_outputs
+from edgec.exporters.weight_sharing import encode_shared_weights
+from edgec.models.checkpoint import is_checkpoint, read_checkpoint
+from edgec.models.spec import ModelSpec
+from torch import nn
+
+CALIBRATION_FILE = "calibration.npz"
+
+
+@dataclass(frozen=True)
+class GraphCompression:
+    """What the package's manifest records: contrib operators used, and the report."""
+
+    contrib_ops: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _calibration(path: Path) -> list[dict[str, np.ndarray]]:
+    """Batches saved by ``compress`` for static int8 (keys ``b{i}.{input}``)."""
+    if not (path / CALIBRATION_FILE).is_file():
+        return []
+    with np.load(path / CALIBRATION_FILE, allow_pickle=False) as data:
+        batches: dict[int, dict[str, np.ndarray]] = {}
+        for key in data.files:
+            index, name = key.split(".", 1)
+            batches.setdefault(int(index[1:]), {})[name] = data[key]
+    return [batches[i] for i in sorted(batches)]
+
+
+def _float_weights(model: nn.Module, int8: set[str]) -> list[np.ndarray]:
+    return [
+        m.weight.detach().numpy()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name not in int8
+    ]
+
+
+def _agreement(model: nn.Module, spec: ModelSpec, path: Path) -> dict[str, float]:
+    """The final graph against the torch checkpoint it came from, on example inputs."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    refs, acts = [], []
+    for batch, seq in [(2, 16), (4, 64)]:
+        feeds = spec.example_inputs(batch=batch, sequence=seq, seed=7 + batch)
+        refs.append(reduce_outputs(spec, torch_outputs(model, spec, feeds)[0], feeds))
+        acts.append(reduce_outputs(spec, session.run(spec.output_names[:1], feeds)[0], feeds))
+    fid = compare(np.concatenate(refs), np.concatenate(acts), spec)
+    return {"cos_min": fid.cos_min, "cos_mean": fid.cos_mean, "sqnr_db": fid.sqnr_db}
+
+
+def _strip_metadata(proto: onnx.ModelProto) -> None:
+    """Drop per-node debug metadata (the exporter's source traces): bytes that do not run."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def compress_graph(
+    source: str | os.PathLike[str], model: nn.Module, spec: ModelSpec, onnx_path: Path
+) -> GraphCompression:
+    """Apply a checkpoint's ONNX transforms to ``onnx_path`` in place; nothing for other sources."""
+    root = Path(os.fspath(source))
+    if not is_checkpoint(root):
+        return GraphCompression()
+    meta = read_checkpoint(root)
+    storage = meta.get("storage", {})
+    int8 = set(storage.get("int8", []))
+    report: dict[str, Any] = {"compression": meta.get("report", {}), "graph": {}}
+    graph = report["graph"]
+
+    fusion = fuse(onnx_path, spec)
+    proto = fusion.model if fusion.model is not None else onnx.load(str(onnx_path))
+    graph["fusion"] = {
+        "note": fusion.note,
+        "fused": fusion.fused,
+        "max_abs_error": fusion.max_abs_error,
+    }
+
+    quant_steps = [s["quantize"] for s in meta["recipe"]["steps"] if "quantize" in s]
+    if int8 and quant_steps:
+        step = quant_steps[-1]
+        exclude = nodes_using(proto, _float_weights(model, int8))
+        proto = quantize_int8(
+            proto,
+            mode=step["mode"],
+            per_channel=step["per_channel"],
+            exclude=exclude,
+            calibration=_calibration(root),
+            method=step["calibration"],
+        )
+        graph["int8"] = {"mode": step["mode"], "float_nodes": exclude}
+
+    encoded = encode_shared_weights(proto)
+    graph["weight_sharing"] = [
+        {
+            "tensor": e.name,
+            "shape": list(e.shape),
+            "bits": e.bits,
+            "bytes_before": e.bytes_before,
+            "bytes_after": e.bytes_after,
+        }
+        for e in encoded
+    ]
+    _strip_metadata(proto)
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(onnx_path))
+    graph["vs_checkpoint"] = _agreement(model, spec, onnx_path)
+    contrib = any(n.domain == "com.microsoft" for n in proto.graph.node)
+    return GraphCompression(contrib_ops=contrib, report=report)

@@ -1,0 +1,131 @@
+"""int8 in the exported graph runs on onnxruntime's integer kernels; fallbacks stay float."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from edgec.compressor.calibration import Dataset
+from edgec.compressor.fidelity import model_vectors
+from edgec.compressor.quantization import quantize, quantize_weight, remove_simulation
+from edgec.compressor.recipe import QuantizeStep
+from edgec.exporters.quantize import nodes_using, quantize_int8
+from edgec.models import load_model
+from edgec.runtimes import read_package
+
+INTEGER_OPS = {
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "QLinearMatMul",
+    "QAttention",
+    "QGemm",
+}
+
+
+def _optimized_ops(path, tmp_path) -> Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+def _float_matmuls_with_constant_weight(path) -> int:
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+
+
+def test_quantized_package_runs_on_integer_kernels(compressed_bert, tmp_path):
+    _, package = compressed_bert
+    ops = _optimized_ops(package / "model.onnx", tmp_path)
+    integer = sum(ops[o] for o in INTEGER_OPS)
+    assert integer >= 8, ops  # q/k/v (or the fused QAttention), o, and the FFN of two layers
+    assert ops["BitShift"] == 0 and ops["BitwiseAnd"] == 0  # the 4-bit decode was folded
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "o.onnx")
+    assert _float_matmuls_with_constant_weight(tmp_path / "optimized.onnx") == 0
+    manifest = read_package(package).manifest
+    sharing = manifest.report["graph"]["weight_sharing"]
+    assert sharing and all(e["bits"] == 4 for e in sharing)
+    assert any(e["tensor"].endswith("quantized") for e in sharing)  # 4-bit storage, int8 compute
+
+
+def test_weights_on_the_int8_grid_are_reproduced_by_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 32)
+    grid = quantize_weight(weight)
+    scale = weight.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(grid, weight, atol=float(scale.max()) / 2 + 1e-7)
+    assert (grid / scale).round().sub(grid / scale).abs().max() < 1e-4
+
+
+def test_static_qdq_is_fused_into_integer_kernels(wide_bert, tmp_path):
+    from edgec.exporters.torch_to_onnx import export_onnx
+
+    model, spec = load_model(wide_bert)
+    export_onnx(model, spec, tmp_path / "float.onnx")
+    batches = [spec.example_inputs(batch=2, sequence=12, seed=s) for s in range(4)]
+    proto = quantize_int8(
+        onnx.load(str(tmp_path / "float.onnx")),
+        mode="static",
+        per_channel=True,
+        exclude=[],
+        calibration=batches,
+        method="minmax",
+    )
+    assert Counter(n.op_type for n in proto.graph.node)["QuantizeLinear"] > 0
+    onnx.save_model(proto, str(tmp_path / "qdq.onnx"))
+    ops = _optimized_ops(tmp_path / "qdq.onnx", tmp_path)
+    assert sum(ops[o] for o in INTEGER_OPS) >= 12, ops
+    assert _float_matmuls_with_constant_weight(tmp_path / "optimized.onnx") == 0
+
+
+@pytest.mark.parametrize(("floor", "fallbacks"), [(0.0, 0), (1.0, 12)])
+def test_fallback_layers_stay_float_until_the_floor_is_met(floor, fallbacks, tiny_models):
+    model, spec = load_model(tiny_models["bert"])
+    data = Dataset([spec.example_inputs(batch=4, sequence=12, seed=s) for s in range(2)], None, "r")
+    reference = model_vectors(model, spec, data)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, details = quantize(model, spec, QuantizeStep(fidelity_floor=floor), data, reference)
+    remove_simulation(model)
+    assert len(details["float_fallback"]) == fallbacks
+    assert len(details["quantized"]) == 12 - fallbacks
+    for name in details["float_fallback"]:  # float layers keep their exact weights
+        assert torch.equal(model.get_submodule(name).weight, original[f"{name}.weight"])
+    for name in details["quantized"]:
+        assert not torch.equal(model.get_submodule(name).weight, original[f"{name}.weight"])
+
+
+def test_excluded_layers_are_found_by_value(wide_bert, tmp_path):
+    from edgec.exporters.torch_to_onnx import export_onnx
+
+    model, spec = load_model(wide_bert)
+    export_onnx(model, spec, tmp_path / "float.onnx")
+    proto = onnx.load(str(tmp_path / "float.onnx"))
+    query = model.encoder.layer[1].attention.self.query.weight.detach().numpy()
+    found = nodes_using(proto, [query])
+    assert len(found) == 1
+    quantized = quantize_int8(proto, mode="dynamic", per_channel=True, exclude=found)
+    names = {n.name for n in quantized.graph.node if n.op_type == "MatMul"}
+    assert found[0] in names
+    assert np.isfinite(len(names))
+
+
+def test_static_recipe_exports_qdq_with_its_calibration(wide_bert, text_calibration, tmp_path):
+    from edgec.compressor import Recipe, compress
+    from edgec.exporters import export
+
+    recipe = Recipe(name="static", steps=(QuantizeStep(mode="static", calibration="percentile"),))
+    compress(wide_bert, recipe, tmp_path / "ckpt", calib=text_calibration)
+    assert (tmp_path / "ckpt" / "calibration.npz").is_file()
+    export(tmp_path / "ckpt", tmp_path / "pkg")
+    manifest = read_package(tmp_path / "pkg").manifest
+    assert manifest.report["graph"]["int8"]["mode"] == "static"
+    assert manifest.report["graph"]["vs_checkpoint"]["cos_mean"] > 0.99
+    ops = _optimized_ops(tmp_path / "pkg" / "model.onnx", tmp_path)
+    assert sum(ops[o] for o in INTEGER_OPS) >= 8, ops
