@@ -125,6 +125,8 @@ def minilm_server(minilm_package: Path):  # type: ignore[no-untyped-def]
     config = ServerConfig(max_batch=8, max_delay_ms=5, max_body_bytes=1 << 20)
     with RunningServer(load_app(minilm_package, config)) as server:
         yield server
+
+
 @pytest.fixture(scope="session")
 def text_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random token tensors for the random text models, as an .npz by input name."""
