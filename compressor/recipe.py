@@ -247,9 +247,11 @@ def recipe_from_dict(data: object, name: str = "custom") -> Recipe:
 
 BUILTIN_RECIPES: dict[str, Recipe] = {
     # int8 only: dynamic activations, per-channel weights, float fallback for sensitive Linears.
+    # The fallback search aims above the promised floor: a minimum measured on the calibration
+    # sample is higher than the minimum on unseen sentences (seen: 0.990 there, 0.9898 held out).
     "int8": Recipe(
         name="int8",
-        steps=(QuantizeStep(mode="dynamic", fidelity_floor=0.99),),
+        steps=(QuantizeStep(mode="dynamic", fidelity_floor=0.993),),
         floor=Floor(min_cosine=0.99),
     ),
     # Remove work (heads, FFN), recover by distillation, share weights, int8 the Linears.
