@@ -19,7 +19,7 @@ from edgec.runtimes import load_package
 from edgec.runtimes.server import ServedModel, ServerConfig, create_app
 from edgec.runtimes.signing import generate_keypair, sign_manifest
 
-from edgec.errors import PackageError, SignatureError
+from edgec.errors import PackageError, ServerError, SignatureError
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +161,20 @@ def test_cli_keygen_sign_and_serve_refuses_a_tampered_package(bert_package, tmp_
     assert "Traceback" not in result.stderr
 
 
-def test_cluster_option_asks_the_ray_backend(bert_package):
-    from edgec.runtimes.backends import BACKENDS
+def test_cluster_option_runs_the_stages_on_ray(bert_package, monkeypatch):
+    """``--cluster ADDRESS`` asks the timed backend to wrap the Ray backend at ADDRESS."""
+    import importlib
 
-    if "ray" in BACKENDS:
-        pytest.skip("the Ray backend is registered; its own tests cover connecting")
-    result = _edgec("serve-on-device", str(bert_package), "--port", "0", "--cluster", "127.0.0.1:1")
-    assert result.returncode == 8, result.stderr
-    assert "unknown backend 'ray'" in result.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in result.stderr
+    serve = importlib.import_module("edgec.runtimes.server.serve")
+    seen: dict[str, object] = {}
+
+    def fake_load_package(package, **options):  # type: ignore[no-untyped-def]
+        seen.update(options)
+        raise ServerError("stop here")
+
+    monkeypatch.setattr(serve, "load_package", fake_load_package)
+    with pytest.raises(ServerError, match="stop here"):
+        serve.load_app(bert_package, ServerConfig(), cluster="10.0.0.1:6379")
+    assert seen["backend"] == "timed"
+    assert seen["inner"] == "ray"
+    assert seen["address"] == "10.0.0.1:6379"
