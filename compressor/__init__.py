@@ -9,6 +9,7 @@ from edgec.compressor.recipe import (
     QuantizeStep,
     Recipe,
     ShareStep,
+    SmoothStep,
     load_recipe,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "QuantizeStep",
     "Recipe",
     "ShareStep",
+    "SmoothStep",
     "StepReport",
     "compress",
     "load_recipe",

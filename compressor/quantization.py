@@ -32,7 +32,7 @@ def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> torch.Ten
     return (weight / scale).round().clamp(-127, 127) * scale
 
 
-def _dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
+def dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
     """DynamicQuantizeLinear's round trip: uint8, per tensor, range always including 0."""
     lo = x.detach().min().clamp(max=0)
     hi = x.detach().max().clamp(min=0)
@@ -44,7 +44,7 @@ def _dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def _simulate(linear: nn.Linear) -> torch.utils.hooks.RemovableHandle:
     def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-        return (_dynamic_uint8(args[0]),)
+        return (dynamic_uint8(args[0]),)
 
     return linear.register_forward_pre_hook(hook)
 
@@ -66,7 +66,7 @@ def quantizable(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-def _apply(
+def apply_int8(
     model: nn.Module, linears: dict[str, nn.Linear], chosen: list[str], per_channel: bool = True
 ) -> dict[str, torch.Tensor]:
     """Quantize ``chosen`` in place with simulation hooks; return the float weights replaced."""
@@ -81,7 +81,7 @@ def _apply(
     return saved
 
 
-def _restore(
+def restore_float(
     model: nn.Module, linears: dict[str, nn.Linear], saved: dict[str, torch.Tensor]
 ) -> None:
     remove_simulation(model)
@@ -104,7 +104,7 @@ def local_sensitivity(
     def hook(name: str):
         def measure(module: nn.Linear, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             w = quantize_weight(module.weight, per_channel)
-            approx = nn.functional.linear(_dynamic_uint8(args[0]), w, module.bias)
+            approx = nn.functional.linear(dynamic_uint8(args[0]), w, module.bias)
             noise[name] += float((approx - out).pow(2).sum())
             signal[name] += float(out.pow(2).sum())
 
@@ -139,9 +139,9 @@ def quantize(
 
     def worst_with(count: int) -> float:
         chosen = [n for n in order[count:]]
-        saved = _apply(model, linears, chosen, step.per_channel)
+        saved = apply_int8(model, linears, chosen, step.per_channel)
         cos_min = compare(reference, model_vectors(model, spec, data), spec).cos_min
-        _restore(model, linears, saved)
+        restore_float(model, linears, saved)
         return cos_min
 
     if step.fidelity_floor is not None and reference is not None:
@@ -159,7 +159,7 @@ def quantize(
                     bar.update()
             excluded = order[:high]
     chosen = [n for n in names if n not in excluded]
-    _apply(model, linears, chosen, step.per_channel)
+    apply_int8(model, linears, chosen, step.per_channel)
     details: dict[str, object] = {
         "mode": step.mode,
         "per_channel": step.per_channel,

@@ -8,6 +8,8 @@ says what each transform did and how close the final graph stays to the torch ch
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,15 @@ def _agreement(model: nn.Module, spec: ModelSpec, path: Path) -> dict[str, float
     return {"cos_min": fid.cos_min, "cos_mean": fid.cos_mean, "sqnr_db": fid.sqnr_db}
 
 
+def _merge_duplicate_initializers(proto: onnx.ModelProto) -> None:
+    """One initializer per distinct value (e.g. the smoothing multiplier query, key and value
+    share), so onnxruntime also merges the nodes reading them."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        OnnxModel(proto).remove_duplicated_initializer(cache={})
+
+
 def _strip_metadata(proto: onnx.ModelProto) -> None:
     """Drop per-node debug metadata (the exporter's source traces): bytes that do not run."""
     for node in proto.graph.node:
@@ -90,6 +101,7 @@ def compress_graph(
 
     fusion = fuse(onnx_path, spec)
     proto = fusion.model if fusion.model is not None else onnx.load(str(onnx_path))
+    _merge_duplicate_initializers(proto)
     graph["fusion"] = {
         "note": fusion.note,
         "fused": fusion.fused,

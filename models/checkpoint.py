@@ -130,6 +130,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the compressed model (eval mode) and its spec from a checkpoint directory."""
     import transformers
     from edgec.compressor.pruning import reshape_layers
+    from edgec.compressor.smoothing import attach
     from safetensors.torch import load_model
 
     meta = read_checkpoint(path)
@@ -145,6 +146,10 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
         raise SourceError(f"checkpoint {path}: unknown model class {meta['model_class']!r}")
     model = cls(config)
     reshape_layers(model, meta["shapes"]["heads"], meta["shapes"]["ffn"])
+    try:
+        attach(model, meta.get("storage", {}).get("smoothed", []))
+    except KeyError as exc:
+        raise SourceError(f"checkpoint {path}: smoothed layer {exc} is not in the model") from exc
     try:
         load_model(model, str(path / meta.get("weights", WEIGHTS_FILE)), strict=True)
     except (OSError, RuntimeError) as exc:

@@ -162,8 +162,9 @@ def wide_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compressed_bert(
     tmp_path_factory: pytest.TempPathFactory, wide_bert: Path, text_calibration: Path
 ) -> tuple[Path, Path]:
-    """(checkpoint, package) of ``wide_bert`` pruned to 2 and 4 heads, 4-bit shared, int8."""
-    from edgec.compressor import PruneStep, QuantizeStep, Recipe, ShareStep, compress
+    """(checkpoint, package) of ``wide_bert`` pruned to 2 and 4 heads, smoothed, 4-bit shared,
+    int8."""
+    from edgec.compressor import PruneStep, QuantizeStep, Recipe, ShareStep, SmoothStep, compress
     from edgec.exporters import export
 
     root = tmp_path_factory.mktemp("compressed")
@@ -171,6 +172,7 @@ def compressed_bert(
         name="test",
         steps=(
             PruneStep(heads=(2, 4), ffn=0.25, importance="magnitude"),
+            SmoothStep(alpha=0.5),
             ShareStep(bits=4),
             QuantizeStep(),
         ),
