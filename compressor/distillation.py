@@ -3,6 +3,11 @@
 Unlabeled: the loss is the masked mean squared error between the student's and the teacher's
 output states (encoders), or the KL divergence of the logits (classifiers). Runs on CPU; on a
 GPU when one is present.
+
+Weights already shared keep their clusters: after every optimizer step each cluster is set to
+the mean of its members, which trains the centroids with the cluster assignments fixed (the
+"trained quantization" of Han et al. 2016), so a distillation after ``share`` recovers accuracy
+without leaving the codebooks.
 """
 
 from __future__ import annotations
@@ -53,6 +58,36 @@ def _batches(data: Dataset, batch_size: int, rng: np.random.Generator) -> list[F
     return out
 
 
+class Clusters:
+    """The fixed cluster assignment of a shared weight (at most ``k`` distinct values per row,
+    or in the whole tensor), and the projection that puts each cluster at its members' mean."""
+
+    def __init__(self, weight: torch.Tensor, k: int):
+        flat = weight.detach().reshape(1, -1)
+        self.whole = int(flat.unique().numel()) <= k  # one codebook for the tensor
+        rows = flat if self.whole else weight.detach().reshape(weight.shape[0], -1)
+        values, order = rows.sort(dim=1)
+        starts = torch.ones_like(values, dtype=torch.bool)
+        starts[:, 1:] = values[:, 1:] != values[:, :-1]
+        rank = starts.long().cumsum(dim=1) - 1
+        self.index = torch.empty_like(rank).scatter_(1, order, rank)
+        self.k = int(rank.max()) + 1
+        if self.k > k:
+            raise ValueError(f"weight has {self.k} distinct values in a row, more than {k}")
+        self.count = torch.zeros(rows.shape[0], self.k).scatter_add_(
+            1, self.index, torch.ones_like(rows)
+        )
+
+    def project(self, weight: torch.Tensor) -> None:
+        """In place: every value becomes its cluster's mean (fp16-exact, as the exporter stores)."""
+        rows = weight.data.reshape(self.index.shape)
+        total = torch.zeros(rows.shape[0], self.k, dtype=rows.dtype).scatter_add_(
+            1, self.index.to(rows.device), rows
+        )
+        means = (total / self.count.to(rows.device).clamp_min(1)).half().to(rows.dtype)
+        weight.data.copy_(means.gather(1, self.index.to(rows.device)).reshape(weight.shape))
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -60,8 +95,12 @@ def distill(
     step: DistillStep,
     data: Dataset,
     seed: int = 0,
+    shared: dict[str, int] | None = None,
 ) -> tuple[nn.Module, dict[str, object]]:
-    """Fine-tune ``student`` for ``step.steps`` AdamW steps; returns it in eval mode."""
+    """Fine-tune ``student`` for ``step.steps`` AdamW steps; returns it in eval mode.
+
+    ``shared``: parameter name -> bits of the weights already shared; they keep their clusters.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student.to(device).train()
     teacher.to(device).eval()
@@ -71,6 +110,8 @@ def distill(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 20) * max(0.0, 1 - i / step.steps)
     )
+    params = dict(student.named_parameters())
+    clusters = {n: Clusters(params[n], 2**bits) for n, bits in (shared or {}).items()}
     name = spec.output_names[0]
     queue: list[Feeds] = []
     losses = []
@@ -91,6 +132,9 @@ def distill(
         nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        with torch.no_grad():
+            for param, cluster in clusters.items():
+                cluster.project(params[param])
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     student.to("cpu").eval()
@@ -102,4 +146,5 @@ def distill(
         "device": device,
         "loss_first": round(float(np.mean(losses[:10])), 6),
         "loss_last": round(float(np.mean(losses[-10:])), 6),
+        "shared_kept": len(clusters),
     }

@@ -111,7 +111,9 @@ def _prune(model: nn.Module, step: PruneStep, ctx: Context) -> tuple[nn.Module, 
 
 
 def _distill(model: nn.Module, step: DistillStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
-    return distill(model, ctx.teacher, ctx.spec, step, ctx.data.calibration, ctx.seed)
+    return distill(
+        model, ctx.teacher, ctx.spec, step, ctx.data.calibration, ctx.seed, shared=ctx.bits
+    )
 
 
 def _smooth(model: nn.Module, step: SmoothStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:

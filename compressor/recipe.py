@@ -93,7 +93,8 @@ class ShareStep:
 
     ``layers``: which weights: ``linears``, ``embeddings`` (word and position), or both.
     ``embedding_bits`` overrides ``bits`` for the embeddings. ``sensitivity``: weight the
-    clustering by each input column's mean squared activation on calibration data.
+    clustering by each input column's mean squared activation on calibration data. ``gptq``:
+    round Linears onto their codebooks with GPTQ's error feedback (per-channel only).
     """
 
     bits: int = 4
@@ -101,6 +102,7 @@ class ShareStep:
     granularity: Granularity = "channel"
     layers: tuple[str, ...] = ("linears", "embeddings")
     sensitivity: bool = True
+    gptq: bool = True
     iterations: int = 15
 
     kind = "share"

@@ -2,9 +2,10 @@
 
 Per output channel (one codebook per row of the weight) or per tensor. With ``sensitivity``, a
 Linear's clustering is weighted by the mean squared activation of each input column on the
-calibration data, so centroids sit where errors cost the most output (an activation-aware
-distortion, as AWQ/GPTQ-style methods weigh columns). The weights stay dense in torch; the
-exporter stores them as packed indices plus a codebook.
+calibration data, so centroids sit where errors cost the most output. With ``gptq`` (per
+channel), the weights are then rounded onto those codebooks column by column with GPTQ's error
+feedback through the inputs' Gram matrix. The weights stay dense in torch; the exporter stores
+them as packed indices plus a codebook.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from edgec.models.adapters import adapter_for
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
+
+GPTQ_BATCHES = 16  # calibration batches for the input Gram matrices
 
 
 def kmeans_rows(
@@ -67,16 +70,47 @@ def share_tensor(
     return codebook.gather(1, idx)
 
 
-def input_energy(
-    model: nn.Module, spec: ModelSpec, data: Dataset, linears: Iterable[nn.Linear], batches: int = 4
+def gptq_assign(
+    weight: torch.Tensor, codebook: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01
+) -> torch.Tensor:
+    """Round ``weight`` (R, C) onto its rows' codebooks (R, K) column by column, spreading each
+    column's rounding error over the columns not yet rounded (GPTQ, Frantar et al. 2023), so the
+    output error ``(W - Q) X`` is what is minimised, not the weight error.
+
+    ``hessian`` (C, C) is ``X^T X`` over the calibration inputs. Returns the rounded weight.
+    """
+    # Columns with the most input energy first ("act-order"): their errors get spread the most.
+    order = torch.argsort(torch.diag(hessian), descending=True)
+    w = weight.detach().double()[:, order].clone()
+    h = hessian.double()[order][:, order].clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damping * torch.diag(h).mean()
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    book = codebook.double()
+    mids = ((book[:, 1:] + book[:, :-1]) / 2).contiguous()
+    out = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        column = w[:, j]
+        idx = torch.searchsorted(mids, column.contiguous().unsqueeze(1)).squeeze(1)
+        out[:, j] = book.gather(1, idx.unsqueeze(1)).squeeze(1)
+        error = (column - out[:, j]) / upper[j, j]
+        w[:, j + 1 :] -= error.unsqueeze(1) * upper[j, j + 1 :].unsqueeze(0)
+    return out[:, torch.argsort(order)].to(weight.dtype)
+
+
+def input_gram(
+    model: nn.Module, spec: ModelSpec, data: Dataset, linears: Iterable[nn.Linear], batches: int
 ) -> dict[int, torch.Tensor]:
-    """Mean squared input activation per column of each Linear, keyed by ``id(linear)``."""
+    """Mean ``x x^T`` of each Linear's input over the calibration tokens, keyed by ``id(linear)``:
+    its diagonal is the mean squared activation per column."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        sums[id(module)] = sums.get(id(module), 0) + x.pow(2).sum(0)
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        sums[id(module)] = sums.get(id(module), 0) + x.T @ x
         counts[id(module)] = counts.get(id(module), 0) + x.shape[0]
 
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]
@@ -111,27 +145,61 @@ def shared_weights(model: nn.Module, step: ShareStep) -> dict[str, tuple[nn.Modu
     return {f"{names[key]}.weight": value for key, value in chosen.items()}
 
 
+def _stages(model: nn.Module, targets: dict[str, tuple[nn.Module, int]]) -> list[list[str]]:
+    """The shared weights in the order inputs reach them: embeddings, then block by block."""
+    block_of = {}
+    for index, p in enumerate(adapter_for(model).layers(model)):
+        for lin in (p.query, p.key, p.value, p.attn_out, p.ffn_in, p.ffn_out):
+            block_of[id(lin)] = index
+    stages: dict[int, list[str]] = {}
+    for name, (module, _) in targets.items():
+        stages.setdefault(block_of.get(id(module), -1), []).append(name)
+    return [stages[k] for k in sorted(stages)]
+
+
 def share_weights(
     model: nn.Module, spec: ModelSpec, step: ShareStep, data: Dataset
 ) -> tuple[nn.Module, dict[str, object]]:
-    """Replace the chosen weights by their k-means centroids, in place; report bits per tensor."""
+    """Replace the chosen weights by their shared values, in place; report bits per tensor.
+
+    Block by block, in input order: each block's input statistics are measured with the blocks
+    before it already shared, so later blocks compensate for earlier errors (as GPTQ does).
+    """
     targets = shared_weights(model, step)
-    linears = [m for m, _ in targets.values() if isinstance(m, nn.Linear)]
-    energy = input_energy(model, spec, data, linears) if step.sensitivity and linears else {}
+    use_gptq = step.gptq and step.granularity == "channel"
+    batches = GPTQ_BATCHES if use_gptq else 4
     bits_of: dict[str, int] = {}
-    for name, (module, bits) in tqdm(
-        targets.items(), desc="clustering", unit="tensor", leave=False
-    ):
-        weight = module.weight
-        with torch.no_grad():
-            shared = share_tensor(
-                weight.data, bits, step.granularity, energy.get(id(module)), step.iterations
-            )
-            weight.data.copy_(shared)
-        bits_of[name] = bits
+    bar = tqdm(total=len(targets), desc="clustering", unit="tensor", leave=False)
+    for stage in _stages(model, targets):
+        linears = [m for n in stage if isinstance(m := targets[n][0], nn.Linear)]
+        gram = (
+            input_gram(model, spec, data, linears, batches)
+            if (step.sensitivity or use_gptq) and linears
+            else {}
+        )
+        for name in stage:
+            module, bits = targets[name]
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            hessian = gram.get(id(module))
+            energy = torch.diagonal(hessian).float() if hessian is not None else None
+            with torch.no_grad():
+                if use_gptq and hessian is not None:
+                    codebook, _ = kmeans_rows(weight.data, bits, energy, step.iterations)
+                    shared = gptq_assign(weight.data, codebook, hessian)
+                else:
+                    importance = energy if step.sensitivity else None
+                    shared = share_tensor(
+                        weight.data, bits, step.granularity, importance, step.iterations
+                    )
+                weight.data.copy_(shared)
+            bits_of[name] = bits
+            bar.update()
+    bar.close()
     return model, {
         "granularity": step.granularity,
-        "activation_weighted": bool(energy),
+        "activation_weighted": step.sensitivity,
+        "gptq": use_gptq,
         "bits": bits_of,
         "tensors": len(bits_of),
     }
