@@ -245,13 +245,19 @@ def digits_accuracy(work: Path, reuse: bool, log: Callable[[str], None]) -> dict
     return result
 
 
+def _megabytes(size: int | None) -> str:
+    return "–" if size is None else f"{size / 1e6:.2f}"
+
+
 def markdown(rows: list[dict[str, Any]], digits_result: dict[str, Any]) -> str:
     head = (
-        "| variant | ONNX/weights MB | vs fp32 ONNX | cos min | cos mean | ms b1×128 | ms b32×128 "
-        "| speed-up b1 | speed-up b32 |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| variant | ONNX/weights MB | package MB | vs fp32 ONNX | cos min | cos mean | ms b1×128 "
+        "| ms b32×128 | speed-up b1 | speed-up b32 |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | 1/{1 / r['size_vs_fp32_onnx']:.1f} | "
+        f"| {r['variant']} | {r['bytes'] / 1e6:.2f} | "
+        f"{_megabytes(r['package_bytes'])} | "
+        f"1/{1 / r['size_vs_fp32_onnx']:.1f} | "
         f"{r['cos_min']:.4f} | {r['cos_mean']:.4f} | {r['ms_b1x128']:.1f} | {r['ms_b32x128']:.0f} | "
         f"{r['speedup_b1x128']:.2f}× | {r['speedup_b32x128']:.2f}× |"
         for r in rows

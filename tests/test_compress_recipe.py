@@ -18,7 +18,8 @@ from edgec.errors import RecipeError
 def test_builtin_recipes_by_name():
     assert set(BUILTIN_RECIPES) == {"int8", "balanced", "smallest"}
     balanced = load_recipe("balanced")
-    assert [s.kind for s in balanced.steps] == ["prune", "distill", "share", "quantize"]
+    assert [s.kind for s in balanced.steps] == ["share", "distill", "quantize"]
+    assert [s.kind for s in load_recipe("int8").steps] == ["smooth", "quantize"]
 
 
 def test_yaml_recipe_round_trips(tmp_path):
@@ -43,7 +44,7 @@ def test_yaml_recipe_round_trips(tmp_path):
     ("data", "words"),
     [
         ({"steps": [{"prune": {"head": 0.5}}]}, ["'head'", "heads", "ffn"]),
-        ({"steps": [{"squash": {}}]}, ["'squash'", "distill", "prune", "quantize", "share"]),
+        ({"steps": [{"squash": {}}]}, ["'squash'", "distill", "prune", "quantize", "share", "smooth"]),
         ({"steps": [{"share": {"bits": 9}}]}, ["share.bits", "2..8", "9"]),
         ({"steps": [{"share": {"bits": 1}}]}, ["share.bits", "1"]),
         ({"steps": [{"share": {"layers": ["convs"]}}]}, ["share.layers", "linears", "'convs'"]),
@@ -73,3 +74,17 @@ def test_dataclasses_refuse_bad_values():
         PruneStep(heads=(2, 0))
     with pytest.raises(RecipeError, match=r"share\.embedding_bits"):
         ShareStep(embedding_bits=12)
+
+
+def test_the_readme_recipe_example_is_a_valid_recipe():
+    import re
+    from pathlib import Path
+
+    import yaml
+    from edgec.compressor.recipe import recipe_from_dict
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    example = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "steps:" in b)
+    recipe = recipe_from_dict(yaml.safe_load(example))
+    kinds = [s.kind for s in recipe.steps]
+    assert kinds == ["prune", "distill", "smooth", "share", "distill", "quantize"]
