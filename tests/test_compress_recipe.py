@@ -44,7 +44,10 @@ def test_yaml_recipe_round_trips(tmp_path):
     ("data", "words"),
     [
         ({"steps": [{"prune": {"head": 0.5}}]}, ["'head'", "heads", "ffn"]),
-        ({"steps": [{"squash": {}}]}, ["'squash'", "distill", "prune", "quantize", "share", "smooth"]),
+        (
+            {"steps": [{"squash": {}}]},
+            ["'squash'", "distill", "prune", "quantize", "share", "smooth"],
+        ),
         ({"steps": [{"share": {"bits": 9}}]}, ["share.bits", "2..8", "9"]),
         ({"steps": [{"share": {"bits": 1}}]}, ["share.bits", "1"]),
         ({"steps": [{"share": {"layers": ["convs"]}}]}, ["share.layers", "linears", "'convs'"]),
