@@ -53,6 +53,36 @@ def kmeans_rows(
     return codebook.to(weight.dtype), idx
 
 
+class Clusters:
+    """The fixed cluster assignment of a shared weight (at most ``k`` distinct values per row,
+    or in the whole tensor), and the projection that puts each cluster at its members' mean."""
+
+    def __init__(self, weight: torch.Tensor, k: int):
+        flat = weight.detach().reshape(1, -1)
+        self.whole = int(flat.unique().numel()) <= k  # one codebook for the tensor
+        rows = flat if self.whole else weight.detach().reshape(weight.shape[0], -1)
+        values, order = rows.sort(dim=1)
+        starts = torch.ones_like(values, dtype=torch.bool)
+        starts[:, 1:] = values[:, 1:] != values[:, :-1]
+        rank = starts.long().cumsum(dim=1) - 1
+        self.index = torch.empty_like(rank).scatter_(1, order, rank)
+        self.k = int(rank.max()) + 1
+        if self.k > k:
+            raise ValueError(f"weight has {self.k} distinct values in a row, more than {k}")
+        self.count = torch.zeros(rows.shape[0], self.k).scatter_add_(
+            1, self.index, torch.ones_like(rows)
+        )
+
+    def project(self, weight: torch.Tensor) -> None:
+        """In place: every value becomes its cluster's mean (fp16-exact, as the exporter stores)."""
+        rows = weight.data.reshape(self.index.shape)
+        total = torch.zeros(rows.shape[0], self.k, dtype=rows.dtype).scatter_add_(
+            1, self.index.to(rows.device), rows
+        )
+        means = (total / self.count.to(rows.device).clamp_min(1)).half().to(rows.dtype)
+        weight.data.copy_(means.gather(1, self.index.to(rows.device)).reshape(weight.shape))
+
+
 def share_tensor(
     weight: torch.Tensor,
     bits: int,

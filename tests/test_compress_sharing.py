@@ -98,7 +98,7 @@ def test_float_weights_off_the_codebook_grid_are_left_alone():
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
 def test_cluster_projection_keeps_the_codebook_and_averages_each_cluster(granularity):
-    from edgec.compressor.distillation import Clusters
+    from edgec.compressor.sharing import Clusters
 
     torch.manual_seed(0)
     shared = share_tensor(torch.randn(16, 64), 3, granularity)
