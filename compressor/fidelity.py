@@ -7,6 +7,7 @@ similarity (min, mean), SQNR in dB, top-1 agreement and accuracy for classifiers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -60,6 +61,30 @@ def model_vectors(model: nn.Module, spec: ModelSpec, data: Dataset) -> np.ndarra
             out = model(**args)[name].float().numpy()
             vectors.append(reduce_outputs(spec, out, feeds))
     return np.concatenate(vectors)
+
+
+def observe_inputs(
+    model: nn.Module,
+    spec: ModelSpec,
+    data: Dataset,
+    modules: dict[str, nn.Module],
+    observe: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run ``model`` over ``data`` calling ``observe(name, input)`` with each named module's
+    first input (2-D: one row per token or example); the hooks are gone afterwards."""
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def call(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
+
+        return call
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        model_vectors(model, spec, data)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def compare(

@@ -10,10 +10,9 @@ them as packed indices plus a codebook.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from edgec.compressor.calibration import Dataset
+from edgec.compressor.fidelity import observe_inputs
 from edgec.compressor.recipe import ShareStep
 from edgec.models.adapters import adapter_for
 from edgec.models.spec import ModelSpec
@@ -131,27 +130,20 @@ def gptq_assign(
 
 
 def input_gram(
-    model: nn.Module, spec: ModelSpec, data: Dataset, linears: Iterable[nn.Linear], batches: int
-) -> dict[int, torch.Tensor]:
-    """Mean ``x x^T`` of each Linear's input over the calibration tokens, keyed by ``id(linear)``:
-    its diagonal is the mean squared activation per column."""
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
+    model: nn.Module, spec: ModelSpec, data: Dataset, linears: dict[str, nn.Linear]
+) -> dict[str, torch.Tensor]:
+    """Mean ``x x^T`` of each Linear's input over the calibration tokens, by name: its diagonal
+    is the mean squared activation per column."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
 
-    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        sums[id(module)] = sums.get(id(module), 0) + x.T @ x
-        counts[id(module)] = counts.get(id(module), 0) + x.shape[0]
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [lin.register_forward_pre_hook(hook) for lin in linears]
-    try:
-        with torch.inference_mode():
-            for feeds in tqdm(data.batches[:batches], desc="activation statistics", leave=False):
-                model(**{n: torch.from_numpy(feeds[n]) for n in spec.input_names})
-    finally:
-        for h in handles:
-            h.remove()
-    return {key: sums[key] / counts[key] for key in sums}
+    observe_inputs(model, spec, data, dict(linears), accumulate)
+    return {name: sums[name] / counts[name] for name in sums}
 
 
 def shared_weights(model: nn.Module, step: ShareStep) -> dict[str, tuple[nn.Module, int]]:
@@ -197,13 +189,13 @@ def share_weights(
     """
     targets = shared_weights(model, step)
     use_gptq = step.gptq and step.granularity == "channel"
-    batches = GPTQ_BATCHES if use_gptq else 4
+    head = Dataset(data.batches[: GPTQ_BATCHES if use_gptq else 4], None, data.origin)
     bits_of: dict[str, int] = {}
     bar = tqdm(total=len(targets), desc="clustering", unit="tensor", leave=False)
     for stage in _stages(model, targets):
-        linears = [m for n in stage if isinstance(m := targets[n][0], nn.Linear)]
+        linears = {n: m for n in stage if isinstance(m := targets[n][0], nn.Linear)}
         gram = (
-            input_gram(model, spec, data, linears, batches)
+            input_gram(model, spec, head, linears)
             if (step.sensitivity or use_gptq) and linears
             else {}
         )
@@ -211,7 +203,7 @@ def share_weights(
             module, bits = targets[name]
             weight = module.weight
             assert isinstance(weight, torch.Tensor)
-            hessian = gram.get(id(module))
+            hessian = gram.get(name)
             energy = torch.diagonal(hessian).float() if hessian is not None else None
             with torch.no_grad():
                 if use_gptq and hessian is not None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from edgec.compressor.calibration import Dataset
-from edgec.compressor.fidelity import Fidelity, compare, model_vectors
+from edgec.compressor.fidelity import Fidelity, compare, model_vectors, observe_inputs
 from edgec.compressor.quantization import apply_int8, quantizable, restore_float
 from edgec.compressor.recipe import SmoothStep
 from edgec.models.adapters import adapter_for
@@ -93,19 +93,11 @@ def _input_peaks(
 ) -> dict[str, torch.Tensor]:
     peaks: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
-        def record(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            peak = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+    def record(name: str, x: torch.Tensor) -> None:
+        peak = x.abs().amax(dim=0)
+        peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
 
-        return record
-
-    handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in linears.items()]
-    try:
-        model_vectors(model, spec, data)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(model, spec, data, dict(linears), record)
     return peaks
 
 
