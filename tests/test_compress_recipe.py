@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from edgec.compressor.recipe import (
     BUILTIN_RECIPES,
@@ -91,3 +93,12 @@ def test_the_readme_recipe_example_is_a_valid_recipe():
     recipe = recipe_from_dict(yaml.safe_load(example))
     kinds = [s.kind for s in recipe.steps]
     assert kinds == ["prune", "distill", "smooth", "share", "distill", "quantize"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "examples" / "recipes").rglob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_example_recipes_load(path):
+    assert load_recipe(path).steps
