@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from edgec.exporters.partition import partition_staged
 from edgec.exporters.partition.plan import Objective
 from edgec.exporters.torch_to_onnx import DEFAULT_OPSET, ParityCase, check_parity, export_onnx
 from edgec.models import load_model
-from edgec.models.spec import ModelSpec
+from edgec.models.spec import ModelSpec, write_asset
 from edgec.runtimes.devices import DeviceSet, load_devices
 from edgec.runtimes.manifest import DeviceInfo, Manifest, StageInfo
 from edgec.runtimes.package import read_package
@@ -44,9 +43,7 @@ class ExportResult:
 
 def _copy_assets(spec: ModelSpec, root: Path) -> list[str]:
     for relative, source in spec.assets.items():
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        write_asset(source, root / relative)
     return list(spec.assets)
 
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from edgec.models.spec import ModelSpec
+from edgec.models.spec import ModelSpec, write_asset
 from edgec.runtimes.manifest import (
     ClassificationPostprocessing,
     EmbeddingPostprocessing,
@@ -95,8 +94,7 @@ def save_checkpoint(path: Path, model: nn.Module, spec: ModelSpec, record: dict[
     heads, ffn = layer_shapes(model)
     save_model(model, str(path / WEIGHTS_FILE))
     for rel, source in spec.assets.items():
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path / rel)
+        write_asset(source, path / rel)
     meta = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "kind": "edgec-checkpoint",

@@ -26,7 +26,7 @@ from edgec.errors import SourceError
 
 ZOO = Path(__file__).parent / "zoo"
 DEFAULT_MODEL = "minilm"
-TOKENIZER_ASSET = "assets/tokenizer.json"
+TOKENIZER_ASSET = "assets/tokenizer.json.gz"  # written gzipped (models.spec.write_asset)
 
 
 def _minilm_dir() -> Path:

@@ -6,6 +6,8 @@ spec turns into a manifest without translation.
 
 from __future__ import annotations
 
+import gzip
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,7 +23,8 @@ class ModelSpec:
     """A loaded model's interface.
 
     ``inputs``/``outputs`` carry symbolic dims ("batch", "sequence") for the dynamic axes.
-    ``assets`` maps a path inside a package to the file it is copied from (e.g. the tokenizer).
+    ``assets`` maps a path inside a package to the file it is copied from (e.g. the tokenizer);
+    a ``.gz`` path is written gzipped (``write_asset``).
     ``family`` is the architecture adapter's key (``edgec.models.adapters``).
     """
 
@@ -73,3 +76,13 @@ class ModelSpec:
             else:
                 feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
         return feeds
+
+
+def write_asset(source: Path, target: Path) -> None:
+    """Copy an asset into a package or checkpoint; gzip it when ``target`` ends in ``.gz`` and
+    ``source`` does not (deterministic: no timestamp, so the file's hash depends on its bytes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".gz" and source.suffix != ".gz":
+        target.write_bytes(gzip.compress(source.read_bytes(), compresslevel=9, mtime=0))
+    else:
+        shutil.copyfile(source, target)

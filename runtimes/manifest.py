@@ -45,7 +45,8 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class TextPreprocessing:
-    """Tokenize text with the package's ``tokenizer.json`` (Hugging Face tokenizers format)."""
+    """Tokenize text with the package's ``tokenizer.json`` (Hugging Face tokenizers format),
+    stored gzipped as ``tokenizer.json.gz`` by export; a plain one loads too."""
 
     tokenizer: str  # path inside the package
     max_length: int

@@ -5,8 +5,10 @@ numpy and tokenizers only, so a device runs them without torch.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from edgec.runtimes.manifest import (
@@ -18,17 +20,28 @@ from edgec.runtimes.manifest import (
 
 from edgec.errors import InputError, PackageError
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """A Hugging Face ``tokenizer.json``, plain or gzipped (``tokenizer.json.gz``, what export
+    writes: the vocabulary compresses to a third of its size)."""
+    from tokenizers import Tokenizer
+
+    try:
+        if path.suffix == ".gz":
+            return Tokenizer.from_str(gzip.decompress(path.read_bytes()).decode("utf-8"))
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad files
+        raise PackageError(f"cannot load tokenizer {path.name}: {exc}") from exc
+
 
 class TextEncoder:
     """Turns sentences into the model's token tensors, padded to the longest in the batch."""
 
     def __init__(self, config: TextPreprocessing, tokenizer_path: Path):
-        from tokenizers import Tokenizer
-
-        try:
-            self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad files
-            raise PackageError(f"cannot load tokenizer {tokenizer_path.name}: {exc}") from exc
+        self._tokenizer = load_tokenizer(tokenizer_path)
         self._tokenizer.enable_truncation(max_length=config.max_length)
         pad_id = self._tokenizer.token_to_id("[PAD]")
         if pad_id is None:

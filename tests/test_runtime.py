@@ -105,3 +105,25 @@ def test_importing_the_runtime_loads_neither_torch_nor_transformers():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_the_package_tokenizer_is_gzipped_and_encodes_like_the_source(minilm_package, tmp_path):
+    from edgec.models import resolve_source
+    from edgec.runtimes.processing import load_tokenizer
+    from tokenizers import Tokenizer
+
+    from edgec.errors import PackageError
+
+    _, directory = resolve_source("minilm")
+    source = directory / "tokenizer.json"
+    packed = minilm_package / "assets" / "tokenizer.json.gz"
+    assert packed.stat().st_size < source.stat().st_size / 2
+    texts = bundled_sentences("heldout")[:32]
+    expected = [e.ids for e in Tokenizer.from_file(str(source)).encode_batch(texts)]
+    assert [e.ids for e in load_tokenizer(packed).encode_batch(texts)] == expected
+    assert [e.ids for e in load_tokenizer(source).encode_batch(texts)] == expected  # plain loads
+    broken = tmp_path / "tokenizer.json.gz"
+    broken.write_bytes(packed.read_bytes()[:100])
+    with pytest.raises(PackageError, match="tokenizer.json.gz"):
+        load_tokenizer(broken)

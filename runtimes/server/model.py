@@ -19,6 +19,7 @@ from edgec.runtimes.manifest import (
     TensorInfo,
     TextPreprocessing,
 )
+from edgec.runtimes.processing import load_tokenizer
 from edgec.runtimes.runtime import Runtime, check_feeds
 from edgec.runtimes.server.protocol import DATATYPE_OF, ProtocolError
 from edgec.runtimes.server.text import answer_texts
@@ -72,11 +73,7 @@ class ServedModel:
         pre = self.runtime.manifest.preprocessing
         if not isinstance(pre, TextPreprocessing):
             return None
-        from tokenizers import Tokenizer
-
-        return int(
-            Tokenizer.from_file(str(self.runtime.package.path(pre.tokenizer))).get_vocab_size()
-        )
+        return int(load_tokenizer(self.runtime.package.path(pre.tokenizer)).get_vocab_size())
 
     # metadata -----------------------------------------------------------------------------
 
