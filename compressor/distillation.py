@@ -8,17 +8,27 @@ Weights already shared keep their clusters: after every optimizer step each clus
 the mean of its members, which trains the centroids with the cluster assignments fixed (the
 "trained quantization" of Han et al. 2016), so a distillation after ``share`` recovers accuracy
 without leaving the codebooks.
+
+Linears already on the int8 grid (a distillation after ``quantize``) train quantization-aware:
+the optimizer updates a float weight, the forward pass sees it rounded to the int8 grid (and the
+activations as ``DynamicQuantizeLinear`` rounds them, from the quantize step's hooks), both with
+straight-through gradients; at the end the weight is put back on the grid. The distillation thus
+learns to make up for int8's error, which a distillation before ``quantize`` cannot see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import torch
 from edgec.compressor.calibration import Dataset, Feeds
+from edgec.compressor.quantization import quantize_weight
 from edgec.compressor.recipe import DistillStep
 from edgec.compressor.sharing import Clusters
 from edgec.models.spec import ModelSpec
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 
@@ -37,6 +47,17 @@ def _loss(
     pooled_t = (teacher * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
     cos = nn.functional.cosine_similarity(pooled_s, pooled_t, dim=-1)
     return (error * weights).sum() / weights.sum() + (1 - cos).mean() * 10
+
+
+class _Int8Grid(nn.Module):
+    """Weight parametrization: the int8 grid in the forward pass, straight-through backward."""
+
+    def __init__(self, per_channel: bool):
+        super().__init__()
+        self.per_channel = per_channel
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (quantize_weight(weight, self.per_channel) - weight).detach()
 
 
 def _batches(data: Dataset, batch_size: int, rng: np.random.Generator) -> list[Feeds]:
@@ -67,22 +88,29 @@ def distill(
     data: Dataset,
     seed: int = 0,
     shared: dict[str, int] | None = None,
+    int8: Collection[str] = (),
+    per_channel: bool = True,
 ) -> tuple[nn.Module, dict[str, object]]:
     """Fine-tune ``student`` for ``step.steps`` AdamW steps; returns it in eval mode.
 
     ``shared``: parameter name -> bits of the weights already shared; they keep their clusters.
+    ``int8``: Linear module names on the int8 grid (``per_channel`` or per tensor); they train
+    quantization-aware and end on the grid.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student.to(device).train()
     teacher.to(device).eval()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    params = dict(student.named_parameters())
+    clusters = {n: Clusters(params[n], 2**bits) for n, bits in (shared or {}).items()}
+    modules = dict(student.named_modules())
+    for name in int8:
+        parametrize.register_parametrization(modules[name], "weight", _Int8Grid(per_channel))
     optimizer = torch.optim.AdamW(student.parameters(), lr=step.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 20) * max(0.0, 1 - i / step.steps)
     )
-    params = dict(student.named_parameters())
-    clusters = {n: Clusters(params[n], 2**bits) for n, bits in (shared or {}).items()}
     name = spec.output_names[0]
     queue: list[Feeds] = []
     losses = []
@@ -108,6 +136,8 @@ def distill(
                 cluster.project(params[param])
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    for name in int8:  # the float weight (on its clusters) rounded onto the grid for good
+        parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
     student.to("cpu").eval()
     teacher.to("cpu")
     return student, {
@@ -118,4 +148,5 @@ def distill(
         "loss_first": round(float(np.mean(losses[:10])), 6),
         "loss_last": round(float(np.mean(losses[-10:])), 6),
         "shared_kept": len(clusters),
+        "int8_aware": len(int8),
     }

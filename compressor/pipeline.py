@@ -58,6 +58,7 @@ class Context:
     seed: int
     bits: dict[str, int] = field(default_factory=dict)  # shared weight -> bits per index
     int8: set[str] = field(default_factory=set)  # Linear module names on the int8 grid
+    int8_per_channel: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,15 @@ def _prune(model: nn.Module, step: PruneStep, ctx: Context) -> tuple[nn.Module, 
 
 def _distill(model: nn.Module, step: DistillStep, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     return distill(
-        model, ctx.teacher, ctx.spec, step, ctx.data.calibration, ctx.seed, shared=ctx.bits
+        model,
+        ctx.teacher,
+        ctx.spec,
+        step,
+        ctx.data.calibration,
+        ctx.seed,
+        shared=ctx.bits,
+        int8=sorted(ctx.int8),
+        per_channel=ctx.int8_per_channel,
     )
 
 
@@ -132,6 +141,7 @@ def _quantize(
     choice = _head(ctx.data.calibration)
     model, details = quantize(model, ctx.spec, step, choice, ctx.reference_calibration)
     ctx.int8.update(details["quantized"])
+    ctx.int8_per_channel = step.per_channel
     # float Linears need no Mul before them (unless shared: their codebooks hold the scaled rows)
     unsmooth(model, [n for n in details["float_fallback"] if f"{n}.weight" not in ctx.bits])
     return model, details

@@ -129,3 +129,30 @@ def test_static_recipe_exports_qdq_with_its_calibration(wide_bert, text_calibrat
     assert manifest.report["graph"]["vs_checkpoint"]["cos_mean"] > 0.99
     ops = _optimized_ops(tmp_path / "pkg" / "model.onnx", tmp_path)
     assert sum(ops[o] for o in INTEGER_OPS) >= 8, ops
+
+
+def test_distillation_after_int8_trains_on_the_grid_and_exports_exactly(
+    wide_bert, text_calibration, tmp_path
+):
+    """share -> quantize -> distill: quantization-aware, so the weights end on the int8 grid
+    within their codebooks, and onnxruntime's int8 graph reproduces the checkpoint."""
+    from edgec.compressor import DistillStep, Recipe, ShareStep, compress
+    from edgec.exporters import export
+
+    steps = (ShareStep(bits=3, layers=("linears",)), QuantizeStep(mode="dynamic"))
+    compress(wide_bert, Recipe(name="t", steps=steps), tmp_path / "q", calib=text_calibration)
+    recipe = Recipe(name="t", steps=(*steps, DistillStep(steps=6, lr=1e-3)))
+    result = compress(wide_bert, recipe, tmp_path / "qat", calib=text_calibration)
+    quantized = result.steps[2].details["quantized"]
+    assert result.steps[3].details["int8_aware"] == len(quantized) > 0
+    before = dict(load_model(tmp_path / "q")[0].named_modules())
+    after = dict(load_model(tmp_path / "qat")[0].named_modules())
+    for name in quantized:
+        weight = after[name].weight.detach()
+        assert torch.equal(quantize_weight(weight), weight), name  # on the grid
+        assert max(len(row.unique()) for row in weight) <= 8, name  # within its codebook
+        assert not torch.equal(weight, before[name].weight.detach())  # and trained
+    export(tmp_path / "qat", tmp_path / "pkg")
+    graph = read_package(tmp_path / "pkg").manifest.report["graph"]
+    assert graph["vs_checkpoint"]["cos_min"] > 0.9999
+    assert graph["weight_sharing"] and all(e["bits"] == 3 for e in graph["weight_sharing"])
