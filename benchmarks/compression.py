@@ -8,9 +8,9 @@ against torch fp32 on the 200 held-out bundled sentences (cosine of the pooled, 
 embedding: min and mean). Also tiny-vit-digits test accuracy, fp32 against ``balanced``.
 Writes the JSON and a markdown table beside it (``.md``).
 
-Timing isolates the variants: each one's session (or torch model) is built just before it is
-timed and released after, with a pause between variants, so no other runtime's worker threads
-(onnxruntime and OpenMP spin after a run) compete for the 2 cores. ``--rounds`` passes go over
+Timing isolates the variants: each onnxruntime session is built just before it is timed and
+released after, with a pause after every variant (torch's included), so no other runtime's
+worker threads (onnxruntime's and OpenMP's spin after a run) compete for the 2 cores. ``--rounds`` passes go over
 all variants in turn; each variant keeps its fastest round's median, which damps a noisy
 neighbour on a shared machine without favouring any variant.
 """
