@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from edgec.runtimes.profiler import median_ms
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 THREADS = 2
@@ -46,17 +46,6 @@ def _session(path: Path) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _median_ms(run: Callable[[], Any], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def _pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -225,7 +214,7 @@ def measure(
                 feeds = _timing_feeds(spec.input_names, batch, seq, spec.vocab_size or 30000)
                 count = repeats * (3 if batch == 1 else 1)
                 key = f"ms_b{batch}x{seq}"
-                median = _median_ms(functools.partial(run, feeds), 3, count)
+                median = median_ms(functools.partial(run, feeds), count, warmup=3)
                 row.setdefault(f"{key}_rounds", []).append(median)
                 row[key] = min(row[f"{key}_rounds"])
             del run

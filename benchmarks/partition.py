@@ -31,18 +31,7 @@ from edgec.exporters import export
 from edgec.exporters.partition import partition_package, planning_feeds
 from edgec.runtimes import load_package
 from edgec.runtimes.devices import DeviceSet, Link
-from edgec.runtimes.profiler import profile_device
-
-
-def median_ms(call, repeats: int, warmup: int = 3) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+from edgec.runtimes.profiler import median_ms, profile_device
 
 
 def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[dict]:  # type: ignore[type-arg]
@@ -52,7 +41,9 @@ def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[di
     rows = []
     for stage in runtime.manifest.stages:
         part = {n: tensors[n] for n in stage.inputs}
-        measured = median_ms(lambda s=stage.name, p=part: backend.run_stage(s, p), repeats)
+        measured = median_ms(
+            lambda s=stage.name, p=part: backend.run_stage(s, p), repeats, warmup=3
+        )
         tensors.update(backend.run_stage(stage.name, part))
         predicted = float(stage.extra["predicted_ms"])
         rows.append(
@@ -117,8 +108,8 @@ def ray_hops(package: Path, feeds: dict, repeats: int) -> dict:  # type: ignore[
         cluster.wait_for_nodes()
         local = load_package(package)
         remote = load_package(package, backend="ray", address=cluster.address, timeout_s=60)
-        local_ms = median_ms(lambda: local.run(feeds), repeats)
-        ray_ms = median_ms(lambda: remote.run(feeds), repeats)
+        local_ms = median_ms(lambda: local.run(feeds), repeats, warmup=3)
+        ray_ms = median_ms(lambda: remote.run(feeds), repeats, warmup=3)
         remote.close()
     finally:
         ray.shutdown()

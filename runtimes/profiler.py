@@ -27,8 +27,11 @@ ELEMENTWISE_TOUCHED = 12  # tensors of that size read or written by the graph's 
 CHAIN = 64
 
 
-def _median_ms(call: Callable[[], object], repeats: int) -> float:
-    call()  # warm-up
+def median_ms(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of ``call`` over ``repeats`` runs, after ``warmup`` runs.
+    Also what the benchmarks time with."""
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -74,18 +77,18 @@ def profile_device(
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         qa = rng.integers(0, 255, (m, k), dtype=np.uint8)
         qb = rng.integers(-127, 127, (k, n), dtype=np.int8)
-        fp32_ms = _median_ms(partial(fp32.run, None, {"a": a, "b": b}), repeats)
-        int8_ms = _median_ms(partial(int8.run, None, {"a": qa, "b": qb}), repeats)
+        fp32_ms = median_ms(partial(fp32.run, None, {"a": a, "b": b}), repeats)
+        int8_ms = median_ms(partial(int8.run, None, {"a": qa, "b": qb}), repeats)
         curves["fp32"].append((flops / 1e6, round(flops / (fp32_ms * 1e-3) / 1e9, 3)))
         curves["int8"].append((flops / 1e6, round(flops / (int8_ms * 1e-3) / 1e9, 3)))
     headline = CURVE_SHAPES.index(MATMUL_SHAPE)
     mix = _session("elementwise", threads, plist)
     x = rng.standard_normal(ELEMENTWISE_SHAPE, np.float32)
     gain, bias = np.ones(x.shape[1], np.float32), np.zeros(x.shape[1], np.float32)
-    mix_ms = _median_ms(lambda: mix.run(None, {"x": x, "g": gain, "b": bias}), repeats)
+    mix_ms = median_ms(lambda: mix.run(None, {"x": x, "g": gain, "b": bias}), repeats)
     chain = _session("overhead", threads, plist)
     small = np.ones(16, np.float32)
-    chain_ms = _median_ms(lambda: chain.run(None, {"x": small, "y": small}), repeats * 5)
+    chain_ms = median_ms(lambda: chain.run(None, {"x": small, "y": small}), repeats * 5)
     return DeviceProfile(
         name=name,
         providers=tuple(providers),
