@@ -95,6 +95,8 @@ class ShareStep:
     ``embedding_bits`` overrides ``bits`` for the embeddings. ``sensitivity``: weight the
     clustering by each input column's mean squared activation on calibration data. ``gptq``:
     round Linears onto their codebooks with GPTQ's error feedback (per-channel only).
+    ``allocate``: give each Linear its own width (``bits`` - 2 to ``bits`` + 2) by its measured
+    effect on the outputs, within the bytes ``bits`` would take (``compressor.bit_allocation``).
     """
 
     bits: int = 4
@@ -103,6 +105,7 @@ class ShareStep:
     layers: tuple[str, ...] = ("linears", "embeddings")
     sensitivity: bool = True
     gptq: bool = True
+    allocate: bool = False
     iterations: int = 15
 
     kind = "share"
@@ -120,6 +123,11 @@ class ShareStep:
         for layer in self.layers:
             _choice("share", "layers", layer, ("linears", "embeddings"))
         _positive_int("share", "iterations", self.iterations)
+        for name in ("sensitivity", "gptq", "allocate"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(
+                    f"share.{name} must be true or false, got {getattr(self, name)!r}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ them as packed indices plus a codebook.
 from __future__ import annotations
 
 import torch
+from edgec.compressor.bit_allocation import Allocation, allocate
 from edgec.compressor.calibration import Dataset
 from edgec.compressor.fidelity import observe_inputs
 from edgec.compressor.recipe import ShareStep
@@ -179,6 +180,46 @@ def _stages(model: nn.Module, targets: dict[str, tuple[nn.Module, int]]) -> list
     return [stages[k] for k in sorted(stages)]
 
 
+def input_energy(
+    model: nn.Module, spec: ModelSpec, data: Dataset, linears: dict[str, nn.Linear]
+) -> dict[str, torch.Tensor]:
+    """Mean squared activation of each input column of each Linear over the calibration tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        x2 = x.double().pow(2).sum(dim=0)
+        sums[name] = sums[name] + x2 if name in sums else x2
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    observe_inputs(model, spec, data, dict(linears), accumulate)
+    return {name: (sums[name] / counts[name]).float() for name in sums}
+
+
+def _allocate(
+    model: nn.Module,
+    spec: ModelSpec,
+    step: ShareStep,
+    data: Dataset,
+    targets: dict[str, tuple[nn.Module, int]],
+) -> Allocation | None:
+    """Bits per Linear by sensitivity (``bit_allocation``), written into ``targets``."""
+    linears = {n: m for n, (m, _) in targets.items() if isinstance(m, nn.Linear)}
+    if not linears:
+        return None
+    head = Dataset(data.batches[:GPTQ_BATCHES], None, data.origin)
+    energy = input_energy(model, spec, head, {n: m for n, m in linears.items()})
+
+    def quantizer(name: str, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        importance = energy[name] if step.sensitivity else None
+        return share_tensor(weight, bits, step.granularity, importance, step.iterations)
+
+    allocation = allocate(model, spec, data, linears, step.bits, quantizer)
+    for name, bits in allocation.bits.items():
+        targets[name] = (targets[name][0], bits)
+    return allocation
+
+
 def share_weights(
     model: nn.Module, spec: ModelSpec, step: ShareStep, data: Dataset
 ) -> tuple[nn.Module, dict[str, object]]:
@@ -188,6 +229,7 @@ def share_weights(
     before it already shared, so later blocks compensate for earlier errors (as GPTQ does).
     """
     targets = shared_weights(model, step)
+    allocation = _allocate(model, spec, step, data, targets) if step.allocate else None
     use_gptq = step.gptq and step.granularity == "channel"
     head = Dataset(data.batches[: GPTQ_BATCHES if use_gptq else 4], None, data.origin)
     bits_of: dict[str, int] = {}
@@ -219,6 +261,7 @@ def share_weights(
             bar.update()
     bar.close()
     return model, {
+        **({"allocation": allocation.to_json()} if allocation else {}),
         "granularity": step.granularity,
         "activation_weighted": step.sensitivity,
         "gptq": use_gptq,
