@@ -40,6 +40,7 @@ class Allocation:
     budget: int
     predicted_error: float
     uniform_error: float
+    one_more_bit_error: float | None  # every Linear at bits + 1: what a bit more would buy
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +48,9 @@ class Allocation:
             "budget_bytes": self.budget,
             "predicted_error": round(self.predicted_error, 6),
             "uniform_predicted_error": round(self.uniform_error, 6),
+            "one_more_bit_predicted_error": (
+                None if self.one_more_bit_error is None else round(self.one_more_bit_error, 6)
+            ),
         }
 
 
@@ -141,4 +145,7 @@ def allocate(
         budget=budget,
         predicted_error=sum(errors[n][b] for n, b in chosen.items()),
         uniform_error=sum(errors[n][bits] for n in linears),
+        one_more_bit_error=(
+            sum(errors[n][bits + 1] for n in linears) if bits + 1 in options else None
+        ),
     )

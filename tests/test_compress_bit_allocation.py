@@ -63,3 +63,4 @@ def test_an_insensitive_linear_gets_the_fewest_bits_and_pays_for_the_others(
     assert spent == allocation["bytes"] <= allocation["budget_bytes"]
     assert allocation["budget_bytes"] == sum(shared_bytes(tuple(shared[n].shape), 4) for n in bits)
     assert allocation["predicted_error"] <= allocation["uniform_predicted_error"]
+    assert allocation["one_more_bit_predicted_error"] < allocation["uniform_predicted_error"]
