@@ -4,7 +4,8 @@ A device joins the cluster with ``edgec join --device NAME`` (``ray start`` with
 resource ``device:NAME``); the stage actor asks for a sliver of that resource, so Ray places it
 there. Stage files travel through Ray's object store (sha256 checked on arrival), so devices
 need no copy of the package. A stage that does not answer within ``timeout_s`` fails the
-request with a ``DeviceError`` naming its device; actors restart (without limit) when their
+request with a ``DeviceError`` naming its device (starting the stages waits up to
+``connect_timeout_s``, longer: a worker process must start); actors restart (without limit) when their
 device rejoins, so service resumes without restarting the coordinator.
 
 ``ray`` is imported only when this backend is created.
@@ -26,6 +27,9 @@ from edgec.errors import DeviceError, InputError
 RESOURCE_PREFIX = "device:"
 STAGE_RESOURCE = 0.001  # a sliver, so that many stages may share one device
 DEFAULT_TIMEOUT_S = 30.0
+# Starting a stage (a worker process that imports onnxruntime and builds its session) is not a
+# request: on a busy device it takes seconds, so it gets its own, longer wait.
+DEFAULT_CONNECT_TIMEOUT_S = 120.0
 
 
 def device_resource(name: str) -> str:
@@ -76,7 +80,7 @@ class RayBackend:
         *,
         address: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
-        connect_timeout_s: float | None = None,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ):
         ray = _import_ray()
         self._ray = ray
@@ -113,7 +117,7 @@ class RayBackend:
             ).remote(files[stage.file], stage.sha256, manifest.device(stage.device).to_json())
         self._files = files
         for name, actor in self._actors.items():
-            self._get(name, actor.ready.remote(), connect_timeout_s or self.timeout_s)
+            self._get(name, actor.ready.remote(), max(connect_timeout_s, self.timeout_s))
 
     def _get(self, stage: str, ref: Any, timeout_s: float) -> Any:
         ray = self._ray
