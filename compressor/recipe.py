@@ -299,12 +299,14 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
             QuantizeStep(mode="dynamic"),
         ),
     ),
-    # The smallest package: deeper pruning, 3-bit Linears, 2-bit embeddings.
+    # The smallest package: deeper pruning, 3-bit Linears, 2-bit embeddings. The distillation
+    # after pruning takes minutes on 2 cores; with 40 steps instead of 400, held-out min/mean
+    # cosine were 0.22/0.71 instead of 0.42/0.83.
     "smallest": Recipe(
         name="smallest",
         steps=(
             PruneStep(heads=0.5, ffn=0.75, importance="taylor"),
-            DistillStep(steps=40, lr=3e-4, batch_size=16),
+            DistillStep(steps=400, lr=3e-4, batch_size=16),
             ShareStep(bits=3, embedding_bits=2, layers=("linears", "embeddings")),
             QuantizeStep(mode="dynamic"),
         ),
