@@ -10,6 +10,8 @@ them as packed indices plus a codebook.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from edgec.compressor.bit_allocation import Allocation, allocate
 from edgec.compressor.calibration import Dataset
@@ -130,21 +132,33 @@ def gptq_assign(
     return out[:, torch.argsort(order)].to(weight.dtype)
 
 
+def input_means(
+    model: nn.Module,
+    spec: ModelSpec,
+    data: Dataset,
+    linears: dict[str, nn.Linear],
+    statistic: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Per Linear (by name), ``statistic`` of its input rows (tokens, float64) summed over the
+    calibration data and divided by the number of tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        value = statistic(x.double())
+        sums[name] = sums[name] + value if name in sums else value
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    observe_inputs(model, spec, data, dict(linears), accumulate)
+    return {name: sums[name] / counts[name] for name in sums}
+
+
 def input_gram(
     model: nn.Module, spec: ModelSpec, data: Dataset, linears: dict[str, nn.Linear]
 ) -> dict[str, torch.Tensor]:
     """Mean ``x x^T`` of each Linear's input over the calibration tokens, by name: its diagonal
     is the mean squared activation per column."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def accumulate(name: str, x: torch.Tensor) -> None:
-        x = x.double()
-        sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
-        counts[name] = counts.get(name, 0) + x.shape[0]
-
-    observe_inputs(model, spec, data, dict(linears), accumulate)
-    return {name: sums[name] / counts[name] for name in sums}
+    return input_means(model, spec, data, linears, lambda x: x.T @ x)
 
 
 def shared_weights(model: nn.Module, step: ShareStep) -> dict[str, tuple[nn.Module, int]]:
@@ -180,22 +194,6 @@ def _stages(model: nn.Module, targets: dict[str, tuple[nn.Module, int]]) -> list
     return [stages[k] for k in sorted(stages)]
 
 
-def input_energy(
-    model: nn.Module, spec: ModelSpec, data: Dataset, linears: dict[str, nn.Linear]
-) -> dict[str, torch.Tensor]:
-    """Mean squared activation of each input column of each Linear over the calibration tokens."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def accumulate(name: str, x: torch.Tensor) -> None:
-        x2 = x.double().pow(2).sum(dim=0)
-        sums[name] = sums[name] + x2 if name in sums else x2
-        counts[name] = counts.get(name, 0) + x.shape[0]
-
-    observe_inputs(model, spec, data, dict(linears), accumulate)
-    return {name: (sums[name] / counts[name]).float() for name in sums}
-
-
 def _allocate(
     model: nn.Module,
     spec: ModelSpec,
@@ -208,10 +206,11 @@ def _allocate(
     if not linears:
         return None
     head = Dataset(data.batches[:GPTQ_BATCHES], None, data.origin)
-    energy = input_energy(model, spec, head, {n: m for n, m in linears.items()})
+    # Only the diagonal of the Gram matrix, for the sensitivity weighting of k-means.
+    energy = input_means(model, spec, head, linears, lambda x: x.pow(2).sum(dim=0))
 
     def quantizer(name: str, weight: torch.Tensor, bits: int) -> torch.Tensor:
-        importance = energy[name] if step.sensitivity else None
+        importance = energy[name].float() if step.sensitivity else None
         return share_tensor(weight, bits, step.granularity, importance, step.iterations)
 
     allocation = allocate(model, spec, data, linears, step.bits, quantizer)

@@ -4,8 +4,8 @@ A device joins the cluster with ``edgec join --device NAME`` (``ray start`` with
 resource ``device:NAME``); the stage actor asks for a sliver of that resource, so Ray places it
 there. Stage files travel through Ray's object store (sha256 checked on arrival), so devices
 need no copy of the package. A stage that does not answer within ``timeout_s`` fails the
-request with a ``DeviceError`` naming its device (starting the stages waits up to
-``connect_timeout_s``, longer: a worker process must start); actors restart (without limit) when their
+request with a ``DeviceError`` naming its device (starting the stages waits up to the longer
+``connect_timeout_s``: a worker process must start); actors restart (without limit) when their
 device rejoins, so service resumes without restarting the coordinator.
 
 ``ray`` is imported only when this backend is created.
