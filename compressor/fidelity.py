@@ -16,6 +16,7 @@ from edgec.compressor.calibration import Dataset, Feeds
 from edgec.models.spec import ModelSpec
 from edgec.runtimes.manifest import EmbeddingPostprocessing
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,16 @@ def observe_inputs(
 
         return call
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    run_hooked(
+        model, spec, data, [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    )
+
+
+def run_hooked(
+    model: nn.Module, spec: ModelSpec, data: Dataset, handles: list[RemovableHandle]
+) -> None:
+    """Run ``model`` over ``data`` for the hooks behind ``handles``, then remove them (also when
+    the run fails)."""
     try:
         model_vectors(model, spec, data)
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from edgec.compressor.calibration import Dataset
-from edgec.compressor.fidelity import compare, model_vectors
+from edgec.compressor.fidelity import compare, model_vectors, run_hooked
 from edgec.compressor.recipe import QuantizeStep
 from edgec.models.adapters import adapter_for
 from edgec.models.spec import ModelSpec
@@ -110,12 +110,9 @@ def local_sensitivity(
 
         return measure
 
-    handles = [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
-    try:
-        model_vectors(model, spec, data)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(
+        model, spec, data, [lin.register_forward_hook(hook(n)) for n, lin in linears.items()]
+    )
     return {n: noise[n] / max(signal[n], 1e-30) for n in linears}
 
 
