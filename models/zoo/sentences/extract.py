@@ -27,17 +27,23 @@ def _prose() -> list[str]:
     return texts
 
 
+def clean_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` that are clean prose: 40..300 characters, at least 7 words,
+    starting upper-case, ending in . ! or ?, and free of markup, code and URLs."""
+    found = []
+    for raw in _SPLIT.split(re.sub(r"\s+", " ", text)):
+        sentence = raw.strip()
+        if not 40 <= len(sentence) <= 300 or sentence.count(" ") < 6:
+            continue
+        if _UNWANTED.search(sentence) or sentence[-1] not in ".!?" or not sentence[0].isupper():
+            continue
+        found.append(sentence)
+    return found
+
+
 def sentences() -> list[str]:
-    """Every distinct clean sentence of 40..300 characters, shuffled with a fixed seed."""
-    found: list[str] = []
-    for text in _prose():
-        for raw in _SPLIT.split(re.sub(r"\s+", " ", text)):
-            sentence = raw.strip()
-            if not 40 <= len(sentence) <= 300 or sentence.count(" ") < 6:
-                continue
-            if _UNWANTED.search(sentence) or sentence[-1] not in ".!?" or not sentence[0].isupper():
-                continue
-            found.append(sentence)
+    """Every distinct clean sentence of the bundled prose, shuffled with a fixed seed."""
+    found = [s for text in _prose() for s in clean_sentences(text)]
     unique = list(dict.fromkeys(found))
     random.Random(0).shuffle(unique)
     return unique
