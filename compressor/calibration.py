@@ -2,7 +2,9 @@
 
 Data is turned into model feeds (numpy, by input name) in batches. Unless evaluation data is
 given, a held-out part of the calibration data is split off for the fidelity figures, so no step
-is measured on the data it calibrated on.
+is measured on the data it calibrated on. A second held-out set from another domain (``off_domain``:
+the user's, or the bundled Wikipedia sentences with the bundled text sample) shows whether
+fidelity holds off the calibration domain.
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ class Dataset:
 
 @dataclass(frozen=True)
 class CalibrationData:
+    """What the steps calibrate on, the held-out set from the same domain (``evaluation``), and
+    optionally a held-out set from another domain and source (``off_domain``)."""
+
     calibration: Dataset
     evaluation: Dataset
     notes: tuple[str, ...] = ()
+    off_domain: Dataset | None = None
 
 
 def _batches_of_text(spec: ModelSpec, texts: list[str], batch: int) -> list[Feeds]:
@@ -66,10 +72,12 @@ def _batches_of_tensors(spec: ModelSpec, arrays: dict[str, np.ndarray], batch: i
     return [{n: arrays[n][i : i + batch] for n in spec.input_names} for i in range(0, count, batch)]
 
 
-def _read(path: Path) -> tuple[list[str] | None, dict[str, np.ndarray] | None, np.ndarray | None]:
+def _read(
+    path: Path, what: str = "calibration data"
+) -> tuple[list[str] | None, dict[str, np.ndarray] | None, np.ndarray | None]:
     """(texts, tensors, labels) from a .txt, .jsonl or .npz file."""
     if not path.is_file():
-        raise InputError(f"calibration data {str(path)!r} does not exist")
+        raise InputError(f"{what} {str(path)!r} does not exist")
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -141,8 +149,9 @@ def _split(
 
 
 def bundled(spec: ModelSpec, batch: int) -> CalibrationData:
-    """A built-in model's own sample: bundled sentences, or the digits train/test images."""
-    from edgec.models.data import bundled_sentences, digits
+    """A built-in model's own sample: bundled sentences (and Wikipedia sentences off-domain), or
+    the digits train/test images (no off-domain set)."""
+    from edgec.models.data import bundled_sentences, digits, wikipedia_sentences
 
     if isinstance(spec.preprocessing, TextPreprocessing):
         cal = bundled_sentences("calibration")
@@ -152,6 +161,7 @@ def bundled(spec: ModelSpec, batch: int) -> CalibrationData:
             _dataset(spec, cal, None, None, "bundled sentences", batch),
             _dataset(spec, held, None, None, "bundled held-out sentences", batch),
             (note,),
+            _dataset(spec, wikipedia_sentences(), None, None, "bundled Wikipedia sentences", batch),
         )
     if isinstance(spec.preprocessing, ImagePreprocessing) and spec.name == "tiny-vit-digits":
         train_x, train_y = digits("train")
@@ -179,18 +189,40 @@ def load_data(
     calib: str | os.PathLike[str] | None = None,
     eval: str | os.PathLike[str] | None = None,
     batch: int = 16,
+    off_domain: str | os.PathLike[str] | None = None,
 ) -> CalibrationData:
-    """Calibration and evaluation datasets for ``spec``: from files, or the bundled sample."""
+    """Calibration and evaluation datasets for ``spec``: from files, or the bundled sample.
+
+    ``off_domain``: a file of held-out data from another domain (same formats); without it, the
+    bundled sample's off-domain set when ``calib`` is not given, else none.
+    """
+    data = _load_in_domain(spec, calib, eval, batch)
+    other = data.off_domain
+    if off_domain is not None:
+        texts, arrays, labels = _read(Path(off_domain), "off-domain data")
+        other = _dataset(spec, texts, arrays, labels, str(off_domain), batch)
+    if other is None:
+        return data
+    notes = (*data.notes, f"off-domain held-out set: {other.size} examples of {other.origin}")
+    return CalibrationData(data.calibration, data.evaluation, notes, other)
+
+
+def _load_in_domain(
+    spec: ModelSpec,
+    calib: str | os.PathLike[str] | None,
+    eval: str | os.PathLike[str] | None,
+    batch: int,
+) -> CalibrationData:
     if calib is None:
         data = bundled(spec, batch)
         if eval is None:
             return data
-        texts, arrays, labels = _read(Path(eval))
+        texts, arrays, labels = _read(Path(eval), "evaluation data")
         evaluation = _dataset(spec, texts, arrays, labels, str(eval), batch)
-        return CalibrationData(data.calibration, evaluation, data.notes)
+        return CalibrationData(data.calibration, evaluation, data.notes, data.off_domain)
     texts, arrays, labels = _read(Path(calib))
     if eval is not None:
-        e_texts, e_arrays, e_labels = _read(Path(eval))
+        e_texts, e_arrays, e_labels = _read(Path(eval), "evaluation data")
         return CalibrationData(
             _dataset(spec, texts, arrays, labels, str(calib), batch),
             _dataset(spec, e_texts, e_arrays, e_labels, str(eval), batch),

@@ -1,7 +1,9 @@
 """Bundled real data: English sentences for calibration and held-out evaluation, digits images.
 
 Calibration and evaluation never overlap: the held-out part is the last ``heldout`` sentences
-of a fixed shuffle.
+of a fixed shuffle. A second held-out set comes from another domain and source: sentences of
+Wikipedia articles (CC BY-SA; see ``zoo/sentences/LICENSE-wikipedia.md``), none of which is in
+the first.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from edgec.models.sources import ZOO
 
 SENTENCES = ZOO / "sentences" / "sentences.txt"
 HELDOUT_SENTENCES = 200
+WIKIPEDIA_SENTENCES = ZOO / "sentences" / "wikipedia.txt"
 
 Split = Literal["calibration", "heldout", "all"]
 
@@ -27,6 +30,11 @@ def bundled_sentences(split: Split = "all") -> list[str]:
     if split == "heldout":
         return lines[-HELDOUT_SENTENCES:]
     return lines
+
+
+def wikipedia_sentences() -> list[str]:
+    """The bundled off-domain held-out set: 200 Wikipedia sentences, one per article."""
+    return read_sentences(WIKIPEDIA_SENTENCES)
 
 
 def digits(split: Literal["train", "test"]) -> tuple[np.ndarray, np.ndarray]:
