@@ -34,6 +34,13 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     type=click.Path(path_type=Path),
     help="Evaluation data (else a held-out part of --calib).",
 )
+@click.option(
+    "--off-domain",
+    "off_domain",
+    type=click.Path(path_type=Path),
+    help="Held-out data from another domain: fidelity and the floor are checked on it too "
+    "(without --calib, a built-in model's bundled set, if it has one).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compress(
     source: str,
@@ -41,20 +48,31 @@ def compress(
     output: Path,
     calib: Path | None,
     eval_data: Path | None,
+    off_domain: Path | None,
     as_json: bool,
 ) -> None:
     """Compress SOURCE with RECIPE into a checkpoint; `edgec export CKPT -o PKG` packages it."""
     from edgec.cli import emit_json, progress  # here: edgec.cli imports this module
     from edgec.compressor import compress as run_compress
 
-    result = run_compress(source, recipe, output, calib=calib, eval=eval_data, on_step=progress)
+    result = run_compress(
+        source,
+        recipe,
+        output,
+        calib=calib,
+        eval=eval_data,
+        off_domain=off_domain,
+        on_step=progress,
+    )
     if as_json:
         emit_json({"checkpoint": str(result.path), **result.report()})
         return
+    with_off_domain = any(s.fidelity_off_domain is not None for s in result.steps)
     rows = []
     for s in result.steps:
-        d, f = s.details, s.fidelity
+        d, f, off = s.details, s.fidelity, s.fidelity_off_domain
         bits = sorted(set(d.get("bits", {}).values())) if isinstance(d.get("bits"), dict) else []
+        off_cells = ["–", "–"] if off is None else [_fmt(off.cos_min), _fmt(off.cos_mean)]
         rows.append(
             [
                 s.step,
@@ -66,6 +84,7 @@ def compress(
                 len(d.get("float_fallback", [])) if "float_fallback" in d else "–",
                 _fmt(f.cos_min),
                 _fmt(f.cos_mean),
+                *(off_cells if with_off_domain else []),
                 _fmt(f.sqnr_db, 1),
                 _fmt(f.top1_agreement, 1),
                 _fmt(f.accuracy, 2),
@@ -81,6 +100,7 @@ def compress(
         "float layers",
         "cos min",
         "cos mean",
+        *(["off-domain cos min", "off-domain cos mean"] if with_off_domain else []),
         "SQNR dB",
         "top-1 agree %",
         "accuracy %",
