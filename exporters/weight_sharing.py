@@ -1,33 +1,59 @@
-"""Weight-sharing encoding: a weight with few distinct values per row stored as packed indices.
+"""Weight-sharing encoding: weights with few distinct values per row stored as packed codes.
 
-A 2-D initializer whose every row (or column) holds at most ``2**b`` distinct values is replaced
-by a ``b``-bit index stream (uint8 bytes) plus a per-row codebook (fp16 or int8), and decoded by
-standard operators (Range, Div, Mod, Cast, Gather, BitShift, BitwiseOr, BitwiseAnd, Reshape) whose
-inputs are all constant, so onnxruntime folds the decode away when the session loads: storage
-shrinks, run time does not change. The decode is exact: it reproduces the original tensor bit
-for bit (tested).
+A 2-D float32 or int8 initializer whose every row (or column) holds at most ``2**b`` distinct
+values becomes ``b``-bit codes packed per row plus a per-row codebook (fp16, or int8 for weights
+on the int8 grid): the layout of ``edgec.runtimes.lowbit``. Where it is decoded depends on who
+reads it, so that the device never holds it wider than it computes with:
+
+- **read only by Gather** (embedding tables): codes and codebook stay in the ONNX graph, and
+  standard operators (Gather, Cast, BitShift, BitwiseOr, BitwiseAnd, GatherElements) decode the
+  gathered rows at run time. Any onnxruntime runs it; the device holds the packed table.
+- **anything else** (Linears, which int8 kernels prepack): the ONNX file declares the weight as
+  external data in the stage's weights file, which holds the codes; edgec's runtime decodes them
+  in numpy before it creates the session (``edgec.runtimes.lowbit``).
+
+Both decodes are exact: they reproduce the original tensor bit for bit (tested).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from edgec.runtimes.lowbit import (
+    CodedWeight,
+    code_positions,
+    pack_rows,
+    row_bytes,
+    weights_keys,
+)
 from onnx import TensorProto, helper, numpy_helper
 
-MIN_ELEMENTS = 4096  # smaller tensors are not worth a decode subgraph
+MIN_ELEMENTS = 4096  # smaller tensors are not worth a decode
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """One encoded initializer: name, shape, bits per index, bytes before and after."""
+    """One encoded initializer: name, shape, bits per code, bytes before and after, and where
+    it is decoded (``gather``: in the graph per run; ``load``: by the runtime at load)."""
 
     name: str
     shape: tuple[int, ...]
     bits: int
     bytes_before: int
     bytes_after: int
+    decoded_at: str
+
+
+@dataclass
+class SharedEncoding:
+    """What ``encode_shared_weights`` did, and the arrays of the stage's weights file."""
+
+    encoded: list[Encoded] = field(default_factory=list)
+    coded: list[CodedWeight] = field(default_factory=list)  # decoded by the runtime at load
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the weights file's contents
 
 
 def distinct_per_row(array: np.ndarray) -> int:
@@ -37,161 +63,191 @@ def distinct_per_row(array: np.ndarray) -> int:
 
 
 def codebook_rows(array: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(codebook (R, 2**bits), indices (R, C)): row r's values are ``codebook[r, indices[r]]``."""
+    """(codebook (R, 2**bits), codes (R, C)): row r's values are ``codebook[r, codes[r]]``."""
     k = 2**bits
     rows, cols = array.shape
     codebook = np.empty((rows, k), dtype=array.dtype)
-    indices = np.empty((rows, cols), dtype=np.int64)
+    codes = np.empty((rows, cols), dtype=np.uint8)
     for r in range(rows):
         values, inverse = np.unique(array[r], return_inverse=True)
         codebook[r, : len(values)] = values
         codebook[r, len(values) :] = values[-1]
-        indices[r] = inverse
-    return codebook, indices
+        codes[r] = inverse
+    return codebook, codes
 
 
-def pack_bits(indices: np.ndarray, bits: int) -> np.ndarray:
-    """A little-endian bit stream of ``bits``-bit values, as uint8 bytes plus one padding byte."""
-    flat = indices.reshape(-1).astype(np.uint64)
-    positions = np.arange(flat.size, dtype=np.uint64) * np.uint64(bits)
-    stream = np.zeros(int(positions[-1] // 8) + 3 if flat.size else 2, dtype=np.uint32)
-    byte = (positions // 8).astype(np.int64)
-    shifted = (flat << (positions % 8)).astype(np.uint32)  # spans at most two bytes
-    np.add.at(stream, byte, shifted & 0xFF)
-    np.add.at(stream, byte + 1, shifted >> 8)
-    return stream.astype(np.uint8)
+def _bits(rows: np.ndarray) -> int | None:
+    """Bits per code if coding ``rows`` saves at least a tenth of its bytes, else None."""
+    bits = max(1, int(np.ceil(np.log2(distinct_per_row(rows)))))
+    if bits >= 8 * rows.itemsize or bits > 8:
+        return None
+    codebook_item = 1 if rows.dtype == np.int8 else 2
+    size = rows.shape[0] * (row_bytes(rows.shape[1], bits) + 2**bits * codebook_item)
+    return bits if size < rows.nbytes * 0.9 else None
 
 
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """numpy reference of the ONNX decode: the first ``count`` values of the stream."""
-    positions = np.arange(count, dtype=np.int64) * bits
-    lo = packed[positions // 8].astype(np.uint32)
-    hi = packed[positions // 8 + 1].astype(np.uint32)
-    return (((hi << 8) | lo) >> (positions % 8).astype(np.uint32)) & ((1 << bits) - 1)
+def _plan(array: np.ndarray, transposable: bool) -> tuple[int, bool] | None:
+    """(bits, transpose) of the smaller coding of ``array``, or None if none pays."""
+    best: tuple[int, bool, int] | None = None
+    for transpose in (False, True) if transposable else (False,):
+        rows = array.T if transpose else array
+        bits = _bits(rows)
+        if bits is None:
+            continue
+        size = rows.shape[0] * row_bytes(rows.shape[1], bits)
+        if best is None or size < best[2]:
+            best = (bits, transpose, size)
+    return None if best is None else (best[0], best[1])
+
+
+def _on_fp16_grid(array: np.ndarray) -> bool:
+    return bool(np.array_equal(array.astype(np.float16).astype(np.float32), array))
 
 
 def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(value, name)
 
 
-def _decode_nodes(
-    name: str, shape: tuple[int, int], bits: int, transpose: bool
+def _gather_decode(
+    name: str, cols: int, bits: int, dtype: np.dtype, ids: str, output: str, tag: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing ``name`` from ``{name}.packed`` and ``{name}.codebook``."""
-    rows, cols = (shape[1], shape[0]) if transpose else shape
-    p = f"{name}.decode"
-    count, k = rows * cols, 2**bits
+    """Nodes computing ``Gather(name, ids)`` into ``output`` from the packed table's rows."""
+    p = f"{name}.decode{tag}"
+    byte, offset = code_positions(cols, bits)
     consts = [
-        _const(f"{p}.zero", np.array(0, np.int64)),
-        _const(f"{p}.count", np.array(count, np.int64)),
-        _const(f"{p}.one", np.array(1, np.int64)),
-        _const(f"{p}.bits", np.array(bits, np.int64)),
-        _const(f"{p}.eight", np.array(8, np.int64)),
-        _const(f"{p}.cols", np.array(cols, np.int64)),
-        _const(f"{p}.k", np.array(k, np.int64)),
-        _const(f"{p}.shift8", np.array(8, np.uint32)),
-        _const(f"{p}.mask", np.array(k - 1, np.uint32)),
-        _const(f"{p}.shape", np.array([rows, cols], np.int64)),
+        _const(f"{p}.lo_byte", byte),
+        _const(f"{p}.hi_byte", byte + 1),
+        _const(f"{p}.offset", offset.astype(np.uint16)),
+        _const(f"{p}.eight", np.array(8, np.uint16)),
+        _const(f"{p}.mask", np.array(2**bits - 1, np.uint16)),
     ]
+    codes, codebook = weights_keys(name)
     n = helper.make_node
     nodes = [
-        n("Range", [f"{p}.zero", f"{p}.count", f"{p}.one"], [f"{p}.pos"]),
-        n("Mul", [f"{p}.pos", f"{p}.bits"], [f"{p}.bitpos"]),
-        n("Div", [f"{p}.bitpos", f"{p}.eight"], [f"{p}.byte"]),
-        n("Add", [f"{p}.byte", f"{p}.one"], [f"{p}.byte1"]),
-        n("Mod", [f"{p}.bitpos", f"{p}.eight"], [f"{p}.offset"]),
-        n("Cast", [f"{p}.offset"], [f"{p}.offset32"], to=TensorProto.UINT32),
-        n("Cast", [f"{name}.packed"], [f"{p}.packed32"], to=TensorProto.UINT32),
-        n("Gather", [f"{p}.packed32", f"{p}.byte"], [f"{p}.lo"]),
-        n("Gather", [f"{p}.packed32", f"{p}.byte1"], [f"{p}.hi"]),
-        n("BitShift", [f"{p}.hi", f"{p}.shift8"], [f"{p}.hi8"], direction="LEFT"),
+        n("Gather", [codes, ids], [f"{p}.rows"], axis=0),  # (..., row bytes) uint8
+        n("Cast", [f"{p}.rows"], [f"{p}.rows16"], to=TensorProto.UINT16),
+        n("Gather", [f"{p}.rows16", f"{p}.lo_byte"], [f"{p}.lo"], axis=-1),  # (..., cols)
+        n("Gather", [f"{p}.rows16", f"{p}.hi_byte"], [f"{p}.hi"], axis=-1),
+        n("BitShift", [f"{p}.hi", f"{p}.eight"], [f"{p}.hi8"], direction="LEFT"),
         n("BitwiseOr", [f"{p}.hi8", f"{p}.lo"], [f"{p}.word"]),
-        n("BitShift", [f"{p}.word", f"{p}.offset32"], [f"{p}.aligned"], direction="RIGHT"),
-        n("BitwiseAnd", [f"{p}.aligned", f"{p}.mask"], [f"{p}.index32"]),
-        n("Cast", [f"{p}.index32"], [f"{p}.index"], to=TensorProto.INT64),
-        n("Div", [f"{p}.pos", f"{p}.cols"], [f"{p}.row"]),
-        n("Mul", [f"{p}.row", f"{p}.k"], [f"{p}.rowbase"]),
-        n("Add", [f"{p}.rowbase", f"{p}.index"], [f"{p}.flat"]),
-        n("Gather", [f"{name}.codebook", f"{p}.flat"], [f"{p}.values"]),
+        n("BitShift", [f"{p}.word", f"{p}.offset"], [f"{p}.aligned"], direction="RIGHT"),
+        n("BitwiseAnd", [f"{p}.aligned", f"{p}.mask"], [f"{p}.code16"]),
+        n("Cast", [f"{p}.code16"], [f"{p}.code"], to=TensorProto.INT64),
+        n("Gather", [codebook, ids], [f"{p}.book"], axis=0),  # (..., 2**bits)
+        n("GatherElements", [f"{p}.book", f"{p}.code"], [f"{p}.values"], axis=-1),
     ]
-    if transpose:
-        nodes.append(n("Reshape", [f"{p}.values", f"{p}.shape"], [f"{p}.rows"]))
-        nodes.append(n("Transpose", [f"{p}.rows"], [f"{p}.cast_in"], perm=[1, 0]))
+    if dtype == np.float32:
+        nodes.append(n("Cast", [f"{p}.values"], [output], to=TensorProto.FLOAT))
     else:
-        nodes.append(n("Reshape", [f"{p}.values", f"{p}.shape"], [f"{p}.cast_in"]))
+        nodes.append(n("Identity", [f"{p}.values"], [output]))
     return nodes, consts
 
 
-def _plan(array: np.ndarray) -> tuple[int, bool] | None:
-    """(bits, transpose) if encoding ``array`` saves bytes, else None."""
-    best: tuple[int, bool, int] | None = None
-    for transpose in (False, True):
-        rows = array.T if transpose else array
-        distinct = distinct_per_row(rows)
-        bits = max(1, int(np.ceil(np.log2(distinct))))
-        if bits >= 8 * array.itemsize or bits > 8:
+def _gather_only(name: str, consumers: list[onnx.NodeProto]) -> bool:
+    """Whether every reader of ``name`` gathers whole rows from it (an embedding table)."""
+    return bool(consumers) and all(
+        node.op_type == "Gather"
+        and node.input[0] == name
+        and name not in node.input[1:]
+        and all(a.name != "axis" or helper.get_attribute_value(a) == 0 for a in node.attribute)
+        for node in consumers
+    )
+
+
+def _external_placeholder(name: str, array: np.ndarray, location: str) -> onnx.TensorProto:
+    """An initializer whose bytes live outside the graph: the runtime supplies them decoded."""
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _candidates(graph: onnx.GraphProto, min_elements: int) -> Iterable[tuple[int, np.ndarray]]:
+    for index, init in enumerate(graph.initializer):
+        if len(init.dims) != 2 or int(np.prod(init.dims)) < min_elements:
             continue
-        codebook_item = 1 if array.dtype == np.int8 else 2
-        size = rows.size * bits // 8 + rows.shape[0] * 2**bits * codebook_item
-        if best is None or size < best[2]:
-            best = (bits, transpose, size)
-    if best is None or best[2] >= array.nbytes * 0.9:
-        return None
-    return best[0], best[1]
+        if init.data_type not in (TensorProto.FLOAT, TensorProto.INT8):
+            continue
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32 and not _on_fp16_grid(array):
+            continue  # not a shared weight
+        yield index, array
 
 
 def encode_shared_weights(
-    model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
-) -> list[Encoded]:
+    model: onnx.ModelProto, weights_file: str, min_elements: int = MIN_ELEMENTS
+) -> SharedEncoding:
     """Replace, in place, each 2-D float32/int8 initializer with few distinct values per row by
-    its packed encoding and decode subgraph. Returns what was encoded."""
+    its packed codes: decoded per run after Gather for tables, else at load from
+    ``weights_file`` (the stage's weights file, a path relative to the ONNX file)."""
     graph = model.graph
-    encoded: list[Encoded] = []
-    keep: list[onnx.TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    for init in graph.initializer:
-        array = numpy_helper.to_array(init)
-        if array.ndim != 2 or array.size < min_elements or array.dtype not in (np.float32, np.int8):
-            keep.append(init)
-            continue
-        if array.dtype == np.float32 and not np.array_equal(
-            array.astype(np.float16).astype(np.float32), array
-        ):
-            keep.append(init)  # not on the fp16 grid: not a shared weight
-            continue
-        plan = _plan(array)
+    consumers = _consumers(graph)
+    result = SharedEncoding()
+    replaced: dict[int, list[onnx.TensorProto]] = {}
+    for index, array in _candidates(graph, min_elements):
+        name = graph.initializer[index].name
+        table = _gather_only(name, consumers.get(name, []))
+        plan = _plan(array, transposable=not table)
         if plan is None:
-            keep.append(init)
             continue
         bits, transpose = plan
-        rows = array.T if transpose else array
-        codebook, indices = codebook_rows(np.ascontiguousarray(rows), bits)
+        rows = np.ascontiguousarray(array.T if transpose else array)
+        codebook, codes = codebook_rows(rows, bits)
         if array.dtype == np.float32:
             codebook = codebook.astype(np.float16)
-        packed = pack_bits(indices, bits)
-        nodes, consts = _decode_nodes(init.name, array.shape, bits, transpose)
-        last = nodes[-1].output[0]
-        if array.dtype == np.float32:
-            nodes.append(helper.make_node("Cast", [last], [init.name], to=TensorProto.FLOAT))
+        packed = pack_rows(codes, bits)
+        codes_key, codebook_key = weights_keys(name)
+        if table:
+            new = [_const(codes_key, packed), _const(codebook_key, codebook)]
+            for tag, node in enumerate(consumers[name]):
+                nodes, consts = _gather_decode(
+                    name, rows.shape[1], bits, array.dtype, node.input[1], node.output[0], str(tag)
+                )
+                new += consts
+                position = list(graph.node).index(node)
+                graph.node.remove(node)
+                for offset, decode_node in enumerate(nodes):
+                    graph.node.insert(position + offset, decode_node)
         else:
-            nodes.append(helper.make_node("Identity", [last], [init.name]))
-        keep += [
-            _const(f"{init.name}.packed", packed),
-            _const(f"{init.name}.codebook", codebook.reshape(-1)),
-            *consts,
-        ]
-        new_nodes += nodes
-        encoded.append(
+            new = [_external_placeholder(name, array, weights_file)]
+            result.arrays[codes_key] = packed
+            result.arrays[codebook_key] = codebook
+            result.coded.append(
+                CodedWeight(
+                    name=name,
+                    shape=(array.shape[0], array.shape[1]),
+                    dtype=str(array.dtype),
+                    bits=bits,
+                    transpose=transpose,
+                )
+            )
+        replaced[index] = new
+        result.encoded.append(
             Encoded(
-                init.name, tuple(array.shape), bits, array.nbytes, packed.nbytes + codebook.nbytes
+                name,
+                tuple(array.shape),
+                bits,
+                array.nbytes,
+                packed.nbytes + codebook.nbytes,
+                "gather" if table else "load",
             )
         )
-    if encoded:
+    if replaced:
+        kept: list[onnx.TensorProto] = []
+        for index, init in enumerate(graph.initializer):
+            kept += replaced.get(index, [init])
         del graph.initializer[:]
-        graph.initializer.extend(keep)
-        ordered = new_nodes + list(
-            graph.node
-        )  # decodes first: the graph stays topologically sorted
-        del graph.node[:]
-        graph.node.extend(ordered)
-    return encoded
+        graph.initializer.extend(kept)
+    return result

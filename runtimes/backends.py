@@ -6,15 +6,18 @@ stage runs when; the backend decides where.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
+from edgec.runtimes.lowbit import CodedWeight, load_coded_weights
 from edgec.runtimes.manifest import DeviceInfo, StageInfo
 from edgec.runtimes.package import Package
 
-from edgec.errors import DeviceError, InputError
+from edgec.errors import DeviceError, InputError, PackageError
 
 Feeds = dict[str, np.ndarray]
 
@@ -35,6 +38,42 @@ def session_options(device: DeviceInfo) -> ort.SessionOptions:
     return options
 
 
+class StageSession(ort.InferenceSession):
+    """An onnxruntime session that keeps alive the decoded weights it was given: onnxruntime
+    reads external initializers from the caller's buffers without copying them."""
+
+    def __init__(
+        self,
+        model: str | bytes,
+        options: ort.SessionOptions,
+        providers: list[str],
+        weights: list[Any],
+    ):
+        self.weights = weights
+        super().__init__(model, sess_options=options, providers=providers)
+
+
+def create_session(
+    model: str | os.PathLike[str] | bytes,
+    options: ort.SessionOptions,
+    providers: list[str],
+    weights_file: str | os.PathLike[str] | IO[bytes] | None = None,
+    coded: tuple[CodedWeight, ...] = (),
+) -> ort.InferenceSession:
+    """A session on a stage's ONNX file (path or bytes) whose coded weights are decoded from
+    ``weights_file`` first (``edgec.runtimes.lowbit``): the one place a stage becomes a session."""
+    values = []
+    if coded:
+        if weights_file is None:
+            raise PackageError("the stage has coded weights but no weights file")
+        source = Path(weights_file) if isinstance(weights_file, str | os.PathLike) else weights_file
+        decoded = load_coded_weights(source, coded)
+        values = [ort.OrtValue.ortvalue_from_numpy(decoded.pop(c.name)) for c in coded]
+        options.add_external_initializers([c.name for c in coded], values)
+    source_model = model if isinstance(model, bytes) else os.fspath(model)
+    return StageSession(source_model, options, providers, values)
+
+
 def open_session(package: Package, stage: StageInfo) -> ort.InferenceSession:
     """An onnxruntime session for one stage, on the providers its device names."""
     device = package.manifest.device(stage.device)
@@ -45,10 +84,12 @@ def open_session(package: Package, stage: StageInfo) -> ort.InferenceSession:
             f"device {device.name!r} asks for providers {missing} that this onnxruntime lacks "
             f"(available: {sorted(available)})"
         )
-    return ort.InferenceSession(
-        str(package.path(stage.file)),
-        sess_options=session_options(device),
-        providers=list(device.providers),
+    return create_session(
+        package.path(stage.file),
+        session_options(device),
+        list(device.providers),
+        None if stage.weights is None else package.path(stage.weights),
+        stage.coded,
     )
 
 

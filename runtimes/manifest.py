@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgec.runtimes.lowbit import CodedWeight
+
 from edgec.errors import PackageError
 
 FORMAT_VERSION = 1
@@ -150,7 +152,10 @@ class StageInfo:
     """One ONNX file of the package, run on one device.
 
     ``inputs`` name tensors that are model inputs or outputs of earlier stages; ``outputs`` name
-    what it produces. ``extra`` carries strategy-specific fields (e.g. a batch slice).
+    what it produces. ``weights`` names the stage's weights file (row-packed codes) and
+    ``coded`` the weights the runtime decodes from it before creating the session;
+    ``memory_bytes`` is the predicted resident memory of the stage's session above the bare
+    interpreter (``edgec.runtimes.memory``). ``extra`` carries strategy-specific fields.
     """
 
     name: str
@@ -160,7 +165,14 @@ class StageInfo:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     contrib_ops: bool = False  # uses com.microsoft operators (CPU/CUDA providers only)
+    weights: str | None = None
+    coded: tuple[CodedWeight, ...] = ()
+    memory_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.coded and self.weights is None:
+            raise PackageError(f"stage {self.name!r} has coded weights but no weights file")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -172,12 +184,19 @@ class StageInfo:
             "outputs": list(self.outputs),
             "contrib_ops": self.contrib_ops,
         }
+        if self.weights is not None:
+            data["weights"] = self.weights
+            data["coded"] = [c.to_json() for c in self.coded]
+        if self.memory_bytes is not None:
+            data["memory_bytes"] = self.memory_bytes
         data.update(self.extra)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StageInfo:
         known = {"name", "device", "file", "sha256", "inputs", "outputs", "contrib_ops"}
+        known |= {"weights", "coded", "memory_bytes"}
+        memory = data.get("memory_bytes")
         return cls(
             name=data["name"],
             device=data["device"],
@@ -186,6 +205,9 @@ class StageInfo:
             inputs=tuple(data["inputs"]),
             outputs=tuple(data["outputs"]),
             contrib_ops=bool(data.get("contrib_ops", False)),
+            weights=data.get("weights"),
+            coded=tuple(CodedWeight.from_json(c) for c in data.get("coded", ())),
+            memory_bytes=None if memory is None else int(memory),
             extra={k: v for k, v in data.items() if k not in known},
         )
 

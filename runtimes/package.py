@@ -83,6 +83,10 @@ def read_package(
         if listed.get(stage.file, stage.sha256) != stage.sha256:
             raise PackageError(f"stage {stage.name!r}: sha256 differs between stage and files list")
         listed[stage.file] = stage.sha256
+        if stage.weights is not None and stage.weights not in listed:
+            raise PackageError(
+                f"stage {stage.name!r}: weights file {stage.weights!r} is not listed"
+            )
         manifest.device(stage.device)  # every stage names a known device
     for relative, expected in listed.items():
         file = resolve_inside(root, relative)

@@ -40,15 +40,30 @@ def device_resource(name: str) -> str:
 class StageWorker:
     """Runs one stage's ONNX model (given as bytes) with its device's providers and threads."""
 
-    def __init__(self, model: bytes, sha256: str, device: dict[str, Any]):
-        import onnxruntime as ort
-        from edgec.runtimes.backends import session_options
+    def __init__(
+        self,
+        model: bytes,
+        sha256: str,
+        device: dict[str, Any],
+        weights: tuple[bytes, str, list[dict[str, Any]]] | None = None,
+    ):
+        import io
+
+        from edgec.runtimes.backends import create_session, session_options
+        from edgec.runtimes.lowbit import CodedWeight
 
         if hashlib.sha256(model).hexdigest() != sha256:
             raise DeviceError("stage file arrived corrupted: its sha256 does not match")
         info = DeviceInfo.from_json(device)
-        self._session = ort.InferenceSession(
-            model, sess_options=session_options(info), providers=list(info.providers)
+        coded: tuple[CodedWeight, ...] = ()
+        weights_file = None
+        if weights is not None:  # (bytes, sha256, coded weights) of the stage's weights file
+            data, digest, entries = weights
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise DeviceError("weights file arrived corrupted: its sha256 does not match")
+            weights_file, coded = io.BytesIO(data), tuple(CodedWeight.from_json(e) for e in entries)
+        self._session = create_session(
+            model, session_options(info), list(info.providers), weights_file, coded
         )
         self._names = [o.name for o in self._session.get_outputs()]
 
@@ -107,14 +122,24 @@ class RayBackend:
         self._devices = {s.name: s.device for s in manifest.stages}
         self._actors: dict[str, Any] = {}
         for stage in manifest.stages:
-            if stage.file not in files:  # keep the refs: restarted actors read them again
-                files[stage.file] = ray.put(package.path(stage.file).read_bytes())
+            for name in (stage.file, stage.weights):
+                if name is not None and name not in files:  # restarted actors read them again
+                    files[name] = ray.put(package.path(name).read_bytes())
+            weights = None
+            if stage.weights is not None:
+                weights = (
+                    files[stage.weights],
+                    manifest.files[stage.weights],
+                    [c.to_json() for c in stage.coded],
+                )
             self._actors[stage.name] = worker.options(
                 resources={device_resource(stage.device): STAGE_RESOURCE},
                 num_cpus=0,
                 max_restarts=-1,
                 max_task_retries=0,
-            ).remote(files[stage.file], stage.sha256, manifest.device(stage.device).to_json())
+            ).remote(
+                files[stage.file], stage.sha256, manifest.device(stage.device).to_json(), weights
+            )
         self._files = files
         for name, actor in self._actors.items():
             self._get(name, actor.ready.remote(), max(connect_timeout_s, self.timeout_s))

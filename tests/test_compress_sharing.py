@@ -1,4 +1,4 @@
-"""Weight sharing: k-means codebooks, and the packed ONNX encoding (exact, folded at load)."""
+"""Weight sharing: k-means codebooks, and the packed encoding (exact; low in memory)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from edgec.compressor.sharing import kmeans_rows, share_tensor
-from edgec.exporters.weight_sharing import encode_shared_weights, pack_bits, unpack_bits
+from edgec.exporters.weight_sharing import encode_shared_weights
+from edgec.runtimes.backends import create_session
+from edgec.runtimes.lowbit import load_coded_weights, pack_rows, unpack_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -44,13 +46,18 @@ def test_activation_weighted_kmeans_favours_heavy_columns():
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.integers(2, 8), count=st.integers(1, 300), seed=st.integers(0, 100))
-def test_bit_packing_round_trips(bits, count, seed):
-    values = np.random.default_rng(seed).integers(0, 2**bits, size=count)
-    packed = pack_bits(values, bits)
+@given(
+    bits=st.integers(1, 8),
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 70),
+    seed=st.integers(0, 100),
+)
+def test_row_packing_round_trips(bits, rows, cols, seed):
+    codes = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, cols))
+    packed = pack_rows(codes, bits)
     assert packed.dtype == np.uint8
-    assert len(packed) <= (count * bits + 7) // 8 + 2
-    assert np.array_equal(unpack_bits(packed, bits, count), values)
+    assert packed.shape == (rows, (cols * bits + 7) // 8 + 1)
+    assert np.array_equal(unpack_rows(packed, bits, cols), codes)
 
 
 def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
@@ -65,34 +72,77 @@ def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+def _shared(rng: np.random.Generator, bits: int, shape: tuple[int, int]) -> np.ndarray:
+    codebook = rng.standard_normal((shape[0], 2**bits)).astype(np.float16).astype(np.float32)
+    return np.take_along_axis(codebook, rng.integers(0, 2**bits, shape), 1)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 7])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_encoded_weight_decodes_exactly_and_is_folded_at_load(bits, transpose, tmp_path):
-    rng = np.random.default_rng(bits)
-    codebook = rng.standard_normal((96, 2**bits)).astype(np.float16).astype(np.float32)
-    weight = np.take_along_axis(codebook, rng.integers(0, 2**bits, (96, 160)), 1)
+def test_matmul_weight_is_decoded_exactly_by_the_runtime_before_the_session(
+    bits, transpose, tmp_path
+):
+    weight = _shared(np.random.default_rng(bits), bits, (96, 160))
     if transpose:  # a per-output-column codebook, as MatMul weights have
         weight = np.ascontiguousarray(weight.T)
     model = _matmul_model(weight)
-    encoded = encode_shared_weights(model)
-    onnx.checker.check_model(model, full_check=True)
-    assert [e.bits for e in encoded] == [bits]
-    assert encoded[0].bytes_after <= weight.size * bits / 8 + 96 * 2**bits * 2 + 8
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    session = ort.InferenceSession(model.SerializeToString(), options)
-    x = rng.standard_normal((3, weight.shape[0])).astype(np.float32)
+    result = encode_shared_weights(model, "model.weights.npz")
+    assert [e.bits for e in result.encoded] == [bits]
+    assert [e.decoded_at for e in result.encoded] == ["load"]
+    assert result.encoded[0].bytes_after <= weight.size * bits / 8 + 160 + 96 * 2**bits * 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]  # no decode in the graph
+    (coded,) = result.coded
+    assert coded.transpose == transpose and coded.shape == weight.shape
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    with open(tmp_path / "model.weights.npz", "wb") as fh:
+        np.savez(fh, **result.arrays)
+    onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
+    assert np.array_equal(
+        load_coded_weights(tmp_path / "model.weights.npz", [coded])["w"], weight
+    )  # bit for bit
+    session = create_session(
+        tmp_path / "model.onnx",
+        ort.SessionOptions(),
+        ["CPUExecutionProvider"],
+        tmp_path / "model.weights.npz",
+        (coded,),
+    )
+    x = np.random.default_rng(0).standard_normal((3, weight.shape[0])).astype(np.float32)
     reference = ort.InferenceSession(_matmul_model(weight).SerializeToString())
-    # The decode is exact: same weight, so the same MatMul result bit for bit.
     assert np.array_equal(session.run(None, {"x": x})[0], reference.run(None, {"x": x})[0])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ops == ["MatMul"]  # every decode node was constant-folded away
+
+
+def _gather_model(table: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", "seq", 64])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_embedding_table_stays_packed_and_gathered_rows_decode_exactly(bits):
+    table = _shared(np.random.default_rng(bits), bits, (300, 64))
+    model = _gather_model(table)
+    result = encode_shared_weights(model, "model.weights.npz")
+    assert [e.decoded_at for e in result.encoded] == ["gather"] and not result.coded
+    onnx.checker.check_model(model, full_check=True)
+    sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
+    assert "table" not in sizes
+    assert sizes["table.codes"] == 300 * ((64 * bits + 7) // 8 + 1)  # what the device holds
+    ids = np.random.default_rng(1).integers(0, 300, (2, 9))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(session.run(None, {"ids": ids})[0], table[ids])
 
 
 def test_float_weights_off_the_codebook_grid_are_left_alone():
     weight = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     model = _matmul_model(weight)
-    assert encode_shared_weights(model) == []
+    result = encode_shared_weights(model, "model.weights.npz")
+    assert result.encoded == [] and result.arrays == {}
     assert [i.name for i in model.graph.initializer] == ["w"]
 
 
