@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,15 @@ class Runtime:
         self.package = package
         self._backend: Backend = create_backend(backend, package, **backend_options)
         self._executor = Executor(package.manifest, self._backend)
-        pre = package.manifest.preprocessing
-        self._text = (
-            TextEncoder(pre, package.path(pre.tokenizer))
-            if isinstance(pre, TextPreprocessing)
-            else None
-        )
+
+    @cached_property
+    def _text(self) -> TextEncoder | None:
+        """The tokenizer, loaded on first use: a device fed token tensors never pays its memory
+        (about 15 MB resident for minilm's)."""
+        pre = self.package.manifest.preprocessing
+        if not isinstance(pre, TextPreprocessing):
+            return None
+        return TextEncoder(pre, self.package.path(pre.tokenizer))
 
     @property
     def manifest(self) -> Manifest:
