@@ -61,6 +61,7 @@ class Context:
     seed: int
     bits: dict[str, int] = field(default_factory=dict)  # shared weight -> bits per index
     int8: set[str] = field(default_factory=set)  # Linear module names on the int8 grid
+    int8_tables: set[str] = field(default_factory=set)  # embedding modules on a per-row int8 grid
     int8_per_channel: bool = True
 
 
@@ -155,6 +156,7 @@ def _quantize(
     choice = _head(ctx.data.calibration)
     model, details = quantize(model, ctx.spec, step, choice, ctx.reference_calibration)
     ctx.int8.update(details["quantized"])
+    ctx.int8_tables.update(details["int8_tables"])
     ctx.int8_per_channel = step.per_channel
     # float Linears need no Mul before them (unless shared: their codebooks hold the scaled rows)
     unsmooth(model, [n for n in details["float_fallback"] if f"{n}.weight" not in ctx.bits])
@@ -208,7 +210,7 @@ def _report(
     return StepReport(
         step=name,
         parameters=sum(p.numel() for p in model.parameters()),
-        bytes=stored_bytes(model, ctx.bits, ctx.int8),
+        bytes=stored_bytes(model, ctx.bits, ctx.int8 | ctx.int8_tables),
         seconds=time.perf_counter() - started,
         heads_kept=layer_shapes(model)[0],
         details=details,
@@ -312,6 +314,7 @@ def compress(
         "storage": {
             "shared_bits": ctx.bits,
             "int8": sorted(ctx.int8),
+            "int8_tables": sorted(ctx.int8_tables),
             "smoothed": smoothed(model),
         },
     }

@@ -17,7 +17,7 @@ import torch
 from edgec.compressor.calibration import Dataset
 from edgec.compressor.fidelity import compare, model_vectors, run_hooked
 from edgec.compressor.recipe import QuantizeStep
-from edgec.models.adapters import adapter_for
+from edgec.models.adapters import adapter_for, embedding_tables
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
@@ -54,6 +54,14 @@ def remove_simulation(model: nn.Module) -> None:
         handle.remove()
     if hasattr(model, SIM_ATTR):
         delattr(model, SIM_ATTR)
+
+
+def quantize_tables(model: nn.Module) -> list[str]:
+    """Put each embedding table on the per-row symmetric int8 grid, in place; their names."""
+    tables = embedding_tables(model)
+    for table in tables.values():
+        table.weight.data.copy_(quantize_weight(table.weight.data, per_channel=True))
+    return list(tables)
 
 
 def quantizable(model: nn.Module) -> dict[str, nn.Linear]:
@@ -157,6 +165,7 @@ def quantize(
             excluded = order[:high]
     chosen = [n for n in names if n not in excluded]
     apply_int8(model, linears, chosen, step.per_channel)
+    tables = quantize_tables(model) if step.embeddings else []
     details: dict[str, object] = {
         "mode": step.mode,
         "per_channel": step.per_channel,
@@ -168,6 +177,7 @@ def quantize(
         else f"uint8 static ({step.calibration})",
         "quantized": chosen,
         "float_fallback": excluded,
+        "int8_tables": tables,
     }
     if sensitivity:
         details["sensitivity"] = {n: round(v, 6) for n, v in sensitivity.items()}

@@ -135,13 +135,15 @@ class QuantizeStep:
     """int8 with per-channel symmetric weights; activations dynamic or statically calibrated.
 
     ``fidelity_floor``: minimum cosine against the original; Linears fall back to float, most
-    sensitive first, until it is met.
+    sensitive first, until it is met. ``embeddings``: also put the word and position embedding
+    tables on a per-row int8 grid (stored int8, dequantized after the lookup).
     """
 
     mode: QuantMode = "dynamic"
     calibration: Calibrator = "minmax"
     per_channel: bool = True
     fidelity_floor: float | None = None
+    embeddings: bool = False
 
     kind = "quantize"
 
@@ -150,6 +152,11 @@ class QuantizeStep:
         _choice("quantize", "calibration", self.calibration, ("minmax", "percentile", "entropy"))
         if self.fidelity_floor is not None:
             _fraction("quantize", "fidelity_floor", self.fidelity_floor, upper=1.0000001)
+        for name in ("per_channel", "embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(
+                    f"quantize.{name} must be true or false, got {getattr(self, name)!r}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,11 +286,14 @@ def recipe_from_dict(data: object, name: str = "custom") -> Recipe:
 
 BUILTIN_RECIPES: dict[str, Recipe] = {
     # int8 only: SmoothQuant, then dynamic activations and per-channel weights, with float
-    # fallback for sensitive Linears. The fallback search aims above the promised floor: a
+    # fallback for sensitive Linears; embedding tables int8 per row (they are half of minilm). The fallback search aims above the promised floor: a
     # minimum over the calibration sample runs higher than over unseen sentences.
     "int8": Recipe(
         name="int8",
-        steps=(SmoothStep(), QuantizeStep(mode="dynamic", fidelity_floor=0.993)),
+        steps=(
+            SmoothStep(),
+            QuantizeStep(mode="dynamic", fidelity_floor=0.993, embeddings=True),
+        ),
         floor=Floor(min_cosine=0.99),
     ),
     # k-means codebooks rounded with GPTQ: Linears at 4 bits on average (2..6 per Linear by

@@ -17,7 +17,7 @@ from edgec.compressor.bit_allocation import Allocation, allocate
 from edgec.compressor.calibration import Dataset
 from edgec.compressor.fidelity import observe_inputs
 from edgec.compressor.recipe import ShareStep
-from edgec.models.adapters import adapter_for
+from edgec.models.adapters import adapter_for, embedding_tables
 from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
@@ -171,13 +171,8 @@ def shared_weights(model: nn.Module, step: ShareStep) -> dict[str, tuple[nn.Modu
                 chosen[id(lin)] = (lin, step.bits)
     if "embeddings" in step.layers:
         bits = step.embedding_bits or step.bits
-        for emb in adapter.embeddings(model):
+        for emb in embedding_tables(model).values():
             chosen[id(emb)] = (emb, bits)
-        prefix = str(getattr(model, "base_model_prefix", ""))
-        base = getattr(model, prefix) if prefix and hasattr(model, prefix) else model
-        position = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
-        if isinstance(position, nn.Embedding):
-            chosen[id(position)] = (position, bits)
     names = {id(m): n for n, m in model.named_modules()}
     return {f"{names[key]}.weight": value for key, value in chosen.items()}
 

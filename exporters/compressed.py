@@ -20,11 +20,13 @@ import onnx
 import onnxruntime as ort
 from edgec.compressor.fidelity import compare, reduce_outputs
 from edgec.exporters.fusion import fuse
-from edgec.exporters.quantize import nodes_using, quantize_int8
+from edgec.exporters.quantize import nodes_using, quantize_int8, quantize_tables
 from edgec.exporters.torch_to_onnx import torch_outputs
 from edgec.exporters.weight_sharing import encode_shared_weights
 from edgec.models.checkpoint import is_checkpoint, read_checkpoint
 from edgec.models.spec import ModelSpec
+from edgec.runtimes.backends import create_session
+from edgec.runtimes.lowbit import CodedWeight
 from torch import nn
 
 CALIBRATION_FILE = "calibration.npz"
@@ -32,10 +34,18 @@ CALIBRATION_FILE = "calibration.npz"
 
 @dataclass(frozen=True)
 class GraphCompression:
-    """What the package's manifest records: contrib operators used, and the report."""
+    """What the package's manifest records: contrib operators used, the report, and the coded
+    weights the runtime decodes from the stage's weights file (a path beside the ONNX file)."""
 
     contrib_ops: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    coded: tuple[CodedWeight, ...] = ()
+
+
+def weights_file_for(onnx_path: Path) -> Path:
+    """The weights file beside a stage's ONNX file: ``model.onnx`` -> ``model.weights.npz``."""
+    return onnx_path.with_suffix(".weights.npz")
 
 
 def _calibration(path: Path) -> list[dict[str, np.ndarray]]:
@@ -58,9 +68,12 @@ def _float_weights(model: nn.Module, int8: set[str]) -> list[np.ndarray]:
     ]
 
 
-def _agreement(model: nn.Module, spec: ModelSpec, path: Path) -> dict[str, float]:
+def _agreement(
+    model: nn.Module, spec: ModelSpec, path: Path, coded: tuple[CodedWeight, ...]
+) -> dict[str, float]:
     """The final graph against the torch checkpoint it came from, on example inputs."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    weights = weights_file_for(path) if coded else None
+    session = create_session(path, ort.SessionOptions(), ["CPUExecutionProvider"], weights, coded)
     refs, acts = [], []
     for batch, seq in [(2, 16), (4, 64)]:
         feeds = spec.example_inputs(batch=batch, sequence=seq, seed=7 + batch)
@@ -121,8 +134,14 @@ def compress_graph(
             method=step["calibration"],
         )
         graph["int8"] = {"mode": step["mode"], "float_nodes": exclude}
+    tables = storage.get("int8_tables", [])
+    if tables:
+        modules = dict(model.named_modules())
+        weights = [modules[t].weight.detach().numpy() for t in tables]
+        graph["int8_tables"] = quantize_tables(proto, weights)
 
-    encoded = encode_shared_weights(proto)
+    weights_path = weights_file_for(onnx_path)
+    sharing = encode_shared_weights(proto, weights_path.name)
     graph["weight_sharing"] = [
         {
             "tensor": e.name,
@@ -130,12 +149,22 @@ def compress_graph(
             "bits": e.bits,
             "bytes_before": e.bytes_before,
             "bytes_after": e.bytes_after,
+            "decoded_at": e.decoded_at,
         }
-        for e in encoded
+        for e in sharing.encoded
     ]
     _strip_metadata(proto)
-    onnx.checker.check_model(proto)
+    coded = tuple(sharing.coded)
+    if coded:
+        with open(weights_path, "wb") as fh:
+            np.savez(fh, **sharing.arrays)
     onnx.save_model(proto, str(onnx_path))
-    graph["vs_checkpoint"] = _agreement(model, spec, onnx_path)
+    onnx.checker.check_model(str(onnx_path))
+    graph["vs_checkpoint"] = _agreement(model, spec, onnx_path, coded)
     contrib = any(n.domain == "com.microsoft" for n in proto.graph.node)
-    return GraphCompression(contrib_ops=contrib, report=report)
+    return GraphCompression(
+        contrib_ops=contrib,
+        report=report,
+        weights=weights_path.name if coded else None,
+        coded=coded,
+    )

@@ -104,3 +104,51 @@ def quantize_int8(
                 **common,
             )
         return onnx.load(str(dst))
+
+
+def quantize_tables(model: onnx.ModelProto, tables: Iterable[np.ndarray]) -> list[str]:
+    """Store, in place, each embedding table equal to one of ``tables`` (on the per-row int8
+    grid, as the torch side left it) as int8 rows plus a float scale per row, dequantized after
+    the Gather: the device holds one byte a value, and each run converts only its tokens' rows.
+    Returns the tables' initializer names."""
+    from onnx import TensorProto, helper
+
+    wanted = {_digest(t) for t in tables}
+    graph = model.graph
+    done: list[str] = []
+    for init in list(graph.initializer):
+        if len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+            continue
+        table = numpy_helper.to_array(init)
+        if _digest(table) not in wanted:
+            continue
+        readers = [n for n in graph.node if init.name in n.input]
+        if not readers or any(n.op_type != "Gather" or n.input[0] != init.name for n in readers):
+            continue  # only tables read row by row
+        # the torch side's formula (quantize_weight), so the integers and scales are its own
+        scale = np.maximum(np.abs(table).max(axis=1), np.float32(1e-12)) / np.float32(127)
+        codes = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+        name = init.name
+        graph.initializer.remove(init)
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(codes, f"{name}.int8"),
+                numpy_helper.from_array(scale, f"{name}.scale"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{name}.last_axis"),
+            ]
+        )
+        for tag, node in enumerate(readers):
+            p, ids = f"{name}.dequantize{tag}", node.input[1]
+            position = list(graph.node).index(node)
+            graph.node.remove(node)
+            nodes = [
+                helper.make_node("Gather", [f"{name}.int8", ids], [f"{p}.rows"], axis=0),
+                helper.make_node("Gather", [f"{name}.scale", ids], [f"{p}.scale"], axis=0),
+                helper.make_node("Unsqueeze", [f"{p}.scale", f"{name}.last_axis"], [f"{p}.s"]),
+                helper.make_node("Cast", [f"{p}.rows"], [f"{p}.float"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{p}.float", f"{p}.s"], [node.output[0]]),
+            ]
+            for offset, new in enumerate(nodes):
+                graph.node.insert(position + offset, new)
+        done.append(name)
+    return done

@@ -167,3 +167,15 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"{type(model).__name__} has no Hugging Face config; supported families: {sorted(ADAPTERS)}"
         )
     return ADAPTERS[family_of(config.model_type)]
+
+
+def embedding_tables(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The word and position embedding tables, by module name."""
+    found = list(adapter_for(model).embeddings(model))
+    prefix = str(getattr(model, "base_model_prefix", ""))
+    base = getattr(model, prefix) if prefix and hasattr(model, prefix) else model
+    position = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if isinstance(position, nn.Embedding):
+        found.append(position)
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(table)]: table for table in found}
