@@ -215,10 +215,24 @@ def inspect(package: Path, as_json: bool) -> None:
     io_rows += [["output", t.name, t.dtype, list(t.shape)] for t in manifest.outputs]
     click.echo(format_table(["", "name", "dtype", "shape"], io_rows))
     stage_rows = [
-        [s.name, s.device, s.file, human_bytes(pkg.path(s.file).stat().st_size), s.sha256[:12]]
+        [
+            s.name,
+            s.device,
+            s.file if s.weights is None else f"{s.file} + {s.weights}",
+            human_bytes(
+                sum(pkg.path(f).stat().st_size for f in (s.file, s.weights) if f is not None)
+            ),
+            "–" if s.memory_bytes is None else human_bytes(s.memory_bytes),
+            s.sha256[:12],
+        ]
         for s in manifest.stages
     ]
-    click.echo(format_table(["stage", "device", "file", "size", "sha256"], stage_rows))
+    headers = ["stage", "device", "files", "size", "memory (predicted)", "sha256"]
+    click.echo(format_table(headers, stage_rows))
+    click.echo(
+        "memory: predicted resident bytes of the stage's session above the bare interpreter, "
+        "one request of 1 x 128"
+    )
     if manifest.preprocessing:
         click.echo(f"preprocessing: {manifest.preprocessing}")
     if manifest.postprocessing:

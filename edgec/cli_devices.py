@@ -17,6 +17,8 @@ import click
 from edgec.errors import DeviceError, SourceError
 
 if TYPE_CHECKING:
+    import onnx
+
     from edgec.runtimes.devices import DeviceSet
     from edgec.runtimes.manifest import TensorInfo
 from edgec.table import format_table
@@ -100,8 +102,12 @@ def profile_device_command(
     click.echo(format_table(["field", "value"], rows, title=f"wrote {output}"))
 
 
-def _onnx_and_inputs(source: str, workdir: Path) -> tuple[Path, tuple[TensorInfo, ...]]:
-    """A package, an .onnx file or a model source -> (ONNX path, model inputs)."""
+def _onnx_and_inputs(
+    source: str, workdir: Path
+) -> tuple[Path | onnx.ModelProto, tuple[TensorInfo, ...], frozenset[str]]:
+    """A package or a model source -> (ONNX path or model, model inputs, the weights the
+    runtime decodes and supplies itself)."""
+    from edgec.exporters.partition import load_stage
     from edgec.runtimes.package import read_package
 
     path = Path(source)
@@ -109,7 +115,9 @@ def _onnx_and_inputs(source: str, workdir: Path) -> tuple[Path, tuple[TensorInfo
         package = read_package(path)
         if len(package.manifest.stages) != 1:
             raise DeviceError(f"package {source!r} is already partitioned; plan its source")
-        return package.path(package.manifest.stages[0].file), package.manifest.inputs
+        stage = package.manifest.stages[0]
+        pinned = frozenset(c.name for c in stage.coded)
+        return load_stage(package, stage), package.manifest.inputs, pinned
     from edgec.exporters.torch_to_onnx import export_onnx
     from edgec.models import load_model
 
@@ -119,7 +127,7 @@ def _onnx_and_inputs(source: str, workdir: Path) -> tuple[Path, tuple[TensorInfo
     model, spec = load_model(source)
     target = workdir / "model.onnx"
     export_onnx(model, spec, target)
-    return target, spec.inputs
+    return target, spec.inputs, frozenset()
 
 
 @click.command("plan")
@@ -152,7 +160,7 @@ def plan_command(
     profiles = _load(devices)
     workdir = Path(tempfile.mkdtemp(prefix="edgec-plan-"))
     try:
-        onnx_path, inputs = _onnx_and_inputs(source, workdir)
+        onnx_path, inputs, pinned = _onnx_and_inputs(source, workdir)
         progress("measuring the graph and planning")
         plan, _ = plan_model(
             onnx_path,
@@ -162,6 +170,7 @@ def plan_command(
             objective,
             batch=batch,
             sequence=sequence,
+            pinned=pinned,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

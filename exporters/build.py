@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgec.exporters.compressed import compress_graph
 from edgec.exporters.package_writer import hash_files, staging, write_manifest
-from edgec.exporters.partition import partition_staged
+from edgec.exporters.partition import load_stage_file, partition_staged, predict_memory
 from edgec.exporters.partition.plan import Objective
 from edgec.exporters.torch_to_onnx import DEFAULT_OPSET, ParityCase, check_parity, export_onnx
 from edgec.models import load_model
@@ -75,8 +75,17 @@ def export(
         step("checking parity: onnxruntime against torch")
         parity = check_parity(model, spec, root / MODEL_FILE)
         compressed = compress_graph(source, model, spec, root / MODEL_FILE)  # checkpoints only
+        step("predicting the memory a device pays")
+        memory = predict_memory(
+            load_stage_file(root / MODEL_FILE, compressed.weights, compressed.coded, root),
+            spec.inputs,
+            frozenset(c.name for c in compressed.coded),
+        )
         step("writing the package")
-        files = hash_files(root, [MODEL_FILE, *_copy_assets(spec, root)])
+        stage_files = (
+            [MODEL_FILE] if compressed.weights is None else [MODEL_FILE, compressed.weights]
+        )
+        files = hash_files(root, [*stage_files, *_copy_assets(spec, root)])
         stage = StageInfo(
             name="model",
             device=LOCAL_DEVICE.name,
@@ -85,6 +94,9 @@ def export(
             inputs=tuple(spec.input_names),
             outputs=tuple(spec.output_names),
             contrib_ops=compressed.contrib_ops,
+            weights=compressed.weights,
+            coded=compressed.coded,
+            memory_bytes=memory,
         )
         manifest = Manifest(
             name=spec.name,

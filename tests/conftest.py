@@ -180,3 +180,27 @@ def compressed_bert(
     compress(wide_bert, recipe, root / "ckpt", calib=text_calibration)
     export(root / "ckpt", root / "pkg")
     return root / "ckpt", root / "pkg"
+
+
+# --- memory on the device (issue 11) ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def minilm_lowbit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, package) of minilm with 4-bit shared Linears on the int8 grid and 3-bit
+    embeddings: the encodings ``balanced`` uses, without its slow search and distillation. The
+    one compression of minilm in a test run."""
+    from edgec.compressor import QuantizeStep, Recipe, ShareStep, compress
+    from edgec.exporters import export
+
+    root = tmp_path_factory.mktemp("minilm-lowbit")
+    recipe = Recipe(
+        name="lowbit",
+        steps=(
+            ShareStep(bits=4, embedding_bits=3, gptq=False, iterations=4),
+            QuantizeStep(mode="dynamic"),
+        ),
+    )
+    compress("minilm", recipe, root / "ckpt")
+    export(root / "ckpt", root / "pkg")
+    return root / "ckpt", root / "pkg"

@@ -21,8 +21,10 @@ from edgec.exporters.partition.graph import GraphProfile, analyse
 from edgec.exporters.partition.plan import Objective, Plan
 from edgec.exporters.partition.planners import STRATEGIES, Context, make_plan
 from edgec.runtimes.devices import DeviceSet
-from edgec.runtimes.manifest import Manifest, TensorInfo
-from edgec.runtimes.package import read_package
+from edgec.runtimes.lowbit import CodedWeight, load_coded_weights
+from edgec.runtimes.manifest import Manifest, StageInfo, TensorInfo
+from edgec.runtimes.package import Package, read_package, resolve_inside
+from onnx import numpy_helper
 
 from edgec.errors import ExportError
 
@@ -59,8 +61,10 @@ def plan_model(
     *,
     batch: int = PLANNING_BATCH,
     sequence: int = PLANNING_SEQUENCE,
+    pinned: frozenset[str] = frozenset(),
 ) -> tuple[Plan, GraphProfile]:
-    """Analyse ``model`` at (``batch``, ``sequence``) and plan it over ``devices``.
+    """Analyse ``model`` at (``batch``, ``sequence``) and plan it over ``devices``; ``pinned``
+    names the weights the runtime decodes and supplies itself (a stage's coded weights).
 
     ``objective`` defaults to throughput for ``pipeline`` (a pipeline exists to overlap
     requests) and to latency otherwise.
@@ -69,8 +73,39 @@ def plan_model(
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     if strategy not in STRATEGIES:
         raise ExportError(f"unknown strategy {strategy!r}; known: {sorted(STRATEGIES)}")
-    graph = analyse(proto, planning_feeds(inputs, batch, sequence))
+    graph = analyse(proto, planning_feeds(inputs, batch, sequence), pinned)
     return make_plan(Context(graph, devices, objective), strategy), graph
+
+
+def predict_memory(
+    model: onnx.ModelProto, inputs: Sequence[TensorInfo], pinned: frozenset[str] = frozenset()
+) -> int:
+    """Predicted resident bytes of a process that loads ``model`` and runs one request at the
+    planning size (batch 1 x 128 tokens), above the bare interpreter with onnxruntime."""
+    from edgec.runtimes.devices import DeviceProfile
+
+    graph = analyse(model, planning_feeds(inputs, PLANNING_BATCH, PLANNING_SEQUENCE), pinned)
+    context = Context(graph, DeviceSet((DeviceProfile(name="local"),), ()))
+    return context.process_bytes(0, context.size)
+
+
+def load_stage_file(
+    onnx_path: Path, weights: str | None, coded: Sequence[CodedWeight], root: Path
+) -> onnx.ModelProto:
+    """A stage's ONNX model as onnxruntime will run it: coded weights decoded into place from
+    ``root / weights`` (what the device holds after load), packed embedding tables left packed."""
+    proto = onnx.load(os.fspath(onnx_path), load_external_data=not coded)
+    if coded and weights is not None:
+        decoded = load_coded_weights(resolve_inside(root, weights), coded)
+        for init in proto.graph.initializer:
+            if init.name in decoded:
+                init.CopyFrom(numpy_helper.from_array(decoded.pop(init.name), init.name))
+    return proto
+
+
+def load_stage(package: Package, stage: StageInfo) -> onnx.ModelProto:
+    """``load_stage_file`` for a stage of a verified package."""
+    return load_stage_file(package.path(stage.file), stage.weights, stage.coded, package.root)
 
 
 def _lossless_feeds(inputs: Sequence[TensorInfo]) -> list[dict[str, np.ndarray]]:
@@ -163,6 +198,12 @@ def partition_staged(
             "package it came from"
         )
     whole = manifest.stages[0].file
+    if manifest.stages[0].coded:
+        raise ExportError(
+            "this package keeps low-bit Linears as codes decoded at load "
+            f"({len(manifest.stages[0].coded)} weights); partitioning such packages is not "
+            "supported yet: `edgec plan` shows its plan, and an int8 package partitions"
+        )
     step(f"planning: {strategy} over {[d.name for d in devices.devices]}")
     plan, graph = plan_model(
         package.path(whole),

@@ -21,6 +21,31 @@ _MATMULS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"}
 _CONVS = {"Conv", "ConvInteger", "QLinearConv"}
 _INT8_WEIGHTS = {"DequantizeLinear"}  # a MatMul fed by these runs as an int8 kernel in ORT
 
+# What an onnxruntime session holds beyond its weights and activations, measured with
+# ``edgec.runtimes.memory`` on this project's packages (CPU provider, fresh process): about
+# 19 MB of its own (thread pools, allocators, graph structures, kernel code paged in), plus
+# about a fifth of the weight bytes it parsed from the ONNX file, which the allocator keeps.
+SESSION_BYTES = 19_000_000
+PARSED_FRACTION = 0.2
+
+
+def model_memory(params: int, pinned: int, live: int) -> int:
+    """Bytes a stage's model holds in a session: what a device's memory budget bounds.
+
+    ``params``: weight bytes as onnxruntime computes with them; ``pinned``: the part of them the
+    runtime supplies decoded (it keeps that buffer while onnxruntime prepacks its own copy, so
+    it counts twice); ``live``: the peak bytes of activations alive at once.
+    """
+    return params + pinned + live
+
+
+def session_memory(params: int, pinned: int, live: int) -> int:
+    """Predicted resident bytes of a stage's process above the bare interpreter with
+    onnxruntime: the model's bytes plus the session's own (``SESSION_BYTES``, and the parser's
+    leftovers for the weights read from the ONNX file)."""
+    parsed = params - pinned
+    return model_memory(params, pinned, live) + SESSION_BYTES + int(PARSED_FRACTION * parsed)
+
 
 @dataclass(frozen=True)
 class NodeCost:
@@ -40,7 +65,8 @@ class GraphProfile:
     """The analysed graph: nodes in topological order, tensor sizes at the planning shapes.
 
     ``tensor_bytes`` maps every value (input, intermediate, output) to its size in bytes;
-    ``param_bytes`` maps each initializer (and Constant output) to its size in bytes.
+    ``param_bytes`` maps each initializer (and Constant output) to its size in bytes;
+    ``pinned`` names the initializers the runtime supplies decoded (``edgec.runtimes.lowbit``).
     """
 
     model: onnx.ModelProto
@@ -54,6 +80,7 @@ class GraphProfile:
     feeds_shape: dict[str, tuple[int, ...]]
     tensor_types: dict[str, tuple[int, int]]  # value -> (ONNX element type, rank)
     tensor_shapes: dict[str, tuple[int, ...]]  # value -> shape at the planning size
+    pinned: frozenset[str] = frozenset()
 
     def crossing(self, cut: int) -> list[str]:
         """Values made before position ``cut`` (or model inputs) and needed at or after it."""
@@ -123,8 +150,13 @@ def _conv_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...]]) -> 
     return 2.0 * float(np.prod(out)) * float(np.prod(w[1:]))
 
 
-def analyse(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> GraphProfile:
-    """Run ``model`` once on ``feeds`` and measure every node. Raises ExportError if it fails."""
+def analyse(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], pinned: frozenset[str] = frozenset()
+) -> GraphProfile:
+    """Run ``model`` once on ``feeds`` and measure every node. Raises ExportError if it fails.
+
+    ``pinned``: initializers the runtime decodes and supplies itself (a stage's coded weights).
+    """
     graph = model.graph
     params = {init.name: int(numpy_helper.to_array(init).nbytes) for init in graph.initializer}
     for node in graph.node:
@@ -204,4 +236,5 @@ def analyse(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> GraphPro
         feeds_shape={k: tuple(v.shape) for k, v in feeds.items()},
         tensor_types=types,
         tensor_shapes={**shapes, **{i.name: tuple(i.dims) for i in graph.initializer}},
+        pinned=frozenset(pinned),
     )

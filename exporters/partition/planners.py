@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from edgec.exporters.partition.cost import CostTable
-from edgec.exporters.partition.graph import GraphProfile
+from edgec.exporters.partition.graph import GraphProfile, model_memory, session_memory
 from edgec.exporters.partition.plan import OBJECTIVES, Objective, Plan, StagePlan
 from edgec.runtimes.devices import DeviceProfile, DeviceSet
 
@@ -32,7 +32,9 @@ class Context:
     live_bytes: list[int] = field(init=False)
     crossing: list[list[str]] = field(init=False)
     hop_bytes: list[int] = field(init=False)
-    _rows: dict[int, tuple[list[int], list[int]]] = field(init=False, default_factory=dict)
+    _rows: dict[int, tuple[list[int], list[int], list[int]]] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -51,31 +53,43 @@ class Context:
     def size(self) -> int:
         return len(self.graph.nodes)
 
-    def _row(self, start: int) -> tuple[list[int], list[int]]:
-        """For each stop after ``start``: parameter bytes and peak live bytes of the segment."""
+    def _row(self, start: int) -> tuple[list[int], list[int], list[int]]:
+        """For each stop after ``start``: parameter bytes, the pinned part of them, and the
+        peak live bytes of the segment."""
         if start not in self._rows:
             names: set[str] = set()
-            total, peak = 0, self.live_bytes[start]
-            params, peaks = [0], [peak]
+            total, pinned, peak = 0, 0, self.live_bytes[start]
+            params, pins, peaks = [0], [0], [peak]
             for node, live in zip(
                 self.graph.nodes[start:], self.live_bytes[start + 1 :], strict=True
             ):
                 for name in node.params - names:
                     names.add(name)
                     total += self.graph.param_bytes[name]
+                    if name in self.graph.pinned:
+                        pinned += self.graph.param_bytes[name]
                 peak = max(peak, live)
                 params.append(total)
+                pins.append(pinned)
                 peaks.append(peak)
-            self._rows[start] = (params, peaks)
+            self._rows[start] = (params, pins, peaks)
         return self._rows[start]
 
     def param_bytes(self, start: int, stop: int) -> int:
         return self._row(start)[0][stop - start]
 
     def memory_bytes(self, start: int, stop: int, share: float = 1.0) -> int:
-        """Parameters plus the largest set of live activations inside the segment, in bytes."""
-        params, peaks = self._row(start)
-        return params[stop - start] + int(peaks[stop - start] * share)
+        """What the segment's model holds: parameters as held (runtime-decoded ones twice) plus
+        the largest set of live activations inside it (``model_memory``)."""
+        params, pins, peaks = self._row(start)
+        at = stop - start
+        return model_memory(params[at], pins[at], int(peaks[at] * share))
+
+    def process_bytes(self, start: int, stop: int) -> int:
+        """Predicted resident bytes of the segment's process above the bare interpreter."""
+        params, pins, peaks = self._row(start)
+        at = stop - start
+        return session_memory(params[at], pins[at], peaks[at])
 
     def fits(self, device: DeviceProfile, start: int, stop: int, share: float = 1.0) -> bool:
         budget = device.memory_bytes
