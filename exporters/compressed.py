@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from edgec.compressor.fidelity import compare, reduce_outputs
 from edgec.exporters.fusion import fuse
+from edgec.exporters.partition import load_stage_file
 from edgec.exporters.quantize import nodes_using, quantize_int8, quantize_tables
 from edgec.exporters.torch_to_onnx import torch_outputs
 from edgec.exporters.weight_sharing import encode_shared_weights
@@ -141,7 +142,7 @@ def compress_graph(
         graph["int8_tables"] = quantize_tables(proto, weights)
 
     weights_path = weights_file_for(onnx_path)
-    sharing = encode_shared_weights(proto, weights_path.name)
+    sharing = encode_shared_weights(proto)
     graph["weight_sharing"] = [
         {
             "tensor": e.name,
@@ -159,7 +160,9 @@ def compress_graph(
         with open(weights_path, "wb") as fh:
             np.savez(fh, **sharing.arrays)
     onnx.save_model(proto, str(onnx_path))
-    onnx.checker.check_model(str(onnx_path))
+    # what the runtime will run: coded weights decoded into place (the decoded buffer is made
+    # in memory at load, so the checker cannot find it on disk)
+    onnx.checker.check_model(load_stage_file(onnx_path, weights_path.name, coded, onnx_path.parent))
     graph["vs_checkpoint"] = _agreement(model, spec, onnx_path, coded)
     contrib = any(n.domain == "com.microsoft" for n in proto.graph.node)
     return GraphCompression(

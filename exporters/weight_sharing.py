@@ -8,9 +8,9 @@ reads it, so that the device never holds it wider than it computes with:
 - **read only by Gather** (embedding tables): codes and codebook stay in the ONNX graph, and
   standard operators (Gather, Cast, BitShift, BitwiseOr, BitwiseAnd, GatherElements) decode the
   gathered rows at run time. Any onnxruntime runs it; the device holds the packed table.
-- **anything else** (Linears, which int8 kernels prepack): the ONNX file declares the weight as
-  external data in the stage's weights file, which holds the codes; edgec's runtime decodes them
-  in numpy before it creates the session (``edgec.runtimes.lowbit``).
+- **anything else** (Linears, which int8 kernels prepack): the stage's weights file holds the
+  codes, and the ONNX file declares the weight as external data in the buffer edgec's runtime
+  decodes them into before it creates the session (``edgec.runtimes.lowbit``).
 
 Both decodes are exact: they reproduce the original tensor bit for bit (tested).
 """
@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from edgec.runtimes.lowbit import (
+    DECODED_LOCATION,
     CodedWeight,
     code_positions,
+    decoded_layout,
     pack_rows,
     row_bytes,
     weights_keys,
@@ -154,16 +156,29 @@ def _gather_only(name: str, consumers: list[onnx.NodeProto]) -> bool:
     )
 
 
-def _external_placeholder(name: str, array: np.ndarray, location: str) -> onnx.TensorProto:
-    """An initializer whose bytes live outside the graph: the runtime supplies them decoded."""
+def _external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer whose bytes live outside the graph: the runtime supplies them decoded
+    (its external data entries are written once every coded weight is known)."""
     tensor = onnx.TensorProto()
     tensor.name = name
     tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
     tensor.dims.extend(array.shape)
     tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", location
     return tensor
+
+
+def _point_at_decoded(tensors: dict[str, onnx.TensorProto], coded: list[CodedWeight]) -> None:
+    """Each placeholder's external data: its place in the buffer the runtime decodes into."""
+    offsets, _ = decoded_layout(coded)
+    for weight, offset in zip(coded, offsets, strict=True):
+        entries = tensors[weight.name].external_data
+        for key, value in (
+            ("location", DECODED_LOCATION),
+            ("offset", str(offset)),
+            ("length", str(weight.decoded_bytes)),
+        ):
+            entry = entries.add()
+            entry.key, entry.value = key, value
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -187,15 +202,16 @@ def _candidates(graph: onnx.GraphProto, min_elements: int) -> Iterable[tuple[int
 
 
 def encode_shared_weights(
-    model: onnx.ModelProto, weights_file: str, min_elements: int = MIN_ELEMENTS
+    model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
 ) -> SharedEncoding:
     """Replace, in place, each 2-D float32/int8 initializer with few distinct values per row by
-    its packed codes: decoded per run after Gather for tables, else at load from
-    ``weights_file`` (the stage's weights file, a path relative to the ONNX file)."""
+    its packed codes: decoded per run after Gather for tables, else by the runtime at load from
+    the stage's weights file (``SharedEncoding.arrays``)."""
     graph = model.graph
     consumers = _consumers(graph)
     result = SharedEncoding()
     replaced: dict[int, list[onnx.TensorProto]] = {}
+    placeholders: dict[str, onnx.TensorProto] = {}
     for index, array in _candidates(graph, min_elements):
         name = graph.initializer[index].name
         table = _gather_only(name, consumers.get(name, []))
@@ -221,7 +237,8 @@ def encode_shared_weights(
                 for offset, decode_node in enumerate(nodes):
                     graph.node.insert(position + offset, decode_node)
         else:
-            new = [_external_placeholder(name, array, weights_file)]
+            new = [_external_placeholder(name, array)]
+            placeholders[name] = new[0]
             result.arrays[codes_key] = packed
             result.arrays[codebook_key] = codebook
             result.coded.append(
@@ -244,6 +261,7 @@ def encode_shared_weights(
                 "gather" if table else "load",
             )
         )
+    _point_at_decoded(placeholders, result.coded)
     if replaced:
         kept: list[onnx.TensorProto] = []
         for index, init in enumerate(graph.initializer):

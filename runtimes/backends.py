@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
 import numpy as np
 import onnxruntime as ort
-from edgec.runtimes.lowbit import CodedWeight, load_coded_weights
+from edgec.runtimes.lowbit import DECODED_LOCATION, CodedWeight, decode_to_buffer
 from edgec.runtimes.manifest import DeviceInfo, StageInfo
 from edgec.runtimes.package import Package
 
@@ -38,21 +38,6 @@ def session_options(device: DeviceInfo) -> ort.SessionOptions:
     return options
 
 
-class StageSession(ort.InferenceSession):
-    """An onnxruntime session that keeps alive the decoded weights it was given: onnxruntime
-    reads external initializers from the caller's buffers without copying them."""
-
-    def __init__(
-        self,
-        model: str | bytes,
-        options: ort.SessionOptions,
-        providers: list[str],
-        weights: list[Any],
-    ):
-        self.weights = weights
-        super().__init__(model, sess_options=options, providers=providers)
-
-
 def create_session(
     model: str | os.PathLike[str] | bytes,
     options: ort.SessionOptions,
@@ -61,17 +46,21 @@ def create_session(
     coded: tuple[CodedWeight, ...] = (),
 ) -> ort.InferenceSession:
     """A session on a stage's ONNX file (path or bytes) whose coded weights are decoded from
-    ``weights_file`` first (``edgec.runtimes.lowbit``): the one place a stage becomes a session."""
-    values = []
+    ``weights_file`` first (``edgec.runtimes.lowbit``): the one place a stage becomes a session.
+
+    The decoded weights reach onnxruntime as an in-memory external data file, which it copies
+    in during session creation; the buffer is freed as soon as the session exists.
+    """
     if coded:
         if weights_file is None:
             raise PackageError("the stage has coded weights but no weights file")
         source = Path(weights_file) if isinstance(weights_file, str | os.PathLike) else weights_file
-        decoded = load_coded_weights(source, coded)
-        values = [ort.OrtValue.ortvalue_from_numpy(decoded.pop(c.name)) for c in coded]
-        options.add_external_initializers([c.name for c in coded], values)
+        buffer, _ = decode_to_buffer(source, coded)
+        options.add_external_initializers_from_files_in_memory(
+            [DECODED_LOCATION], [buffer], [buffer.nbytes]
+        )
     source_model = model if isinstance(model, bytes) else os.fspath(model)
-    return StageSession(source_model, options, providers, values)
+    return ort.InferenceSession(source_model, sess_options=options, providers=providers)
 
 
 def open_session(package: Package, stage: StageInfo) -> ort.InferenceSession:

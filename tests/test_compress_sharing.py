@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from edgec.compressor.sharing import kmeans_rows, share_tensor
+from edgec.exporters.partition import load_stage_file
 from edgec.exporters.weight_sharing import encode_shared_weights
 from edgec.runtimes.backends import create_session
 from edgec.runtimes.lowbit import load_coded_weights, pack_rows, unpack_rows
@@ -86,7 +87,7 @@ def test_matmul_weight_is_decoded_exactly_by_the_runtime_before_the_session(
     if transpose:  # a per-output-column codebook, as MatMul weights have
         weight = np.ascontiguousarray(weight.T)
     model = _matmul_model(weight)
-    result = encode_shared_weights(model, "model.weights.npz")
+    result = encode_shared_weights(model)
     assert [e.bits for e in result.encoded] == [bits]
     assert [e.decoded_at for e in result.encoded] == ["load"]
     assert result.encoded[0].bytes_after <= weight.size * bits / 8 + 160 + 96 * 2**bits * 2
@@ -96,7 +97,8 @@ def test_matmul_weight_is_decoded_exactly_by_the_runtime_before_the_session(
     onnx.save_model(model, str(tmp_path / "model.onnx"))
     with open(tmp_path / "model.weights.npz", "wb") as fh:
         np.savez(fh, **result.arrays)
-    onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
+    decoded = load_stage_file(tmp_path / "model.onnx", "model.weights.npz", [coded], tmp_path)
+    onnx.checker.check_model(decoded, full_check=True)
     assert np.array_equal(
         load_coded_weights(tmp_path / "model.weights.npz", [coded])["w"], weight
     )  # bit for bit
@@ -127,7 +129,7 @@ def _gather_model(table: np.ndarray) -> onnx.ModelProto:
 def test_embedding_table_stays_packed_and_gathered_rows_decode_exactly(bits):
     table = _shared(np.random.default_rng(bits), bits, (300, 64))
     model = _gather_model(table)
-    result = encode_shared_weights(model, "model.weights.npz")
+    result = encode_shared_weights(model)
     assert [e.decoded_at for e in result.encoded] == ["gather"] and not result.coded
     onnx.checker.check_model(model, full_check=True)
     sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
@@ -141,7 +143,7 @@ def test_embedding_table_stays_packed_and_gathered_rows_decode_exactly(bits):
 def test_float_weights_off_the_codebook_grid_are_left_alone():
     weight = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
     model = _matmul_model(weight)
-    result = encode_shared_weights(model, "model.weights.npz")
+    result = encode_shared_weights(model)
     assert result.encoded == [] and result.arrays == {}
     assert [i.name for i in model.graph.initializer] == ["w"]
 
