@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from edgec.errors import EdgecError, InputError
 from edgec.table import format_table, human_bytes
+
+if TYPE_CHECKING:
+    from edgec.runtimes.manifest import Manifest
 
 
 def progress(message: str) -> None:
@@ -98,13 +101,7 @@ def export(
             {"package": str(result.path), "bytes": result.size_bytes, "parity": manifest.parity}
         )
         return
-    rows = [
-        [s.name, s.device, s.file, human_bytes((result.path / s.file).stat().st_size)]
-        for s in manifest.stages
-    ]
-    click.echo(
-        format_table(["stage", "device", "file", "size"], rows, title=f"package {result.path}")
-    )
+    click.echo(_stages_table(result.path, manifest, title=f"package {result.path}"))
     click.echo(f"parity (onnxruntime vs torch): max abs error {result.max_abs_error:.3g}")
 
 
@@ -195,6 +192,20 @@ def _preview(vector: np.ndarray) -> str:
     return "[" + ", ".join(f"{x:+.3f}" for x in vector[:4]) + ", …]"
 
 
+def _stages_table(root: Path, manifest: Manifest, title: str = "") -> str:
+    """Each stage: its device, files, bytes on disk and the memory its process is predicted to
+    hold above the bare interpreter running one request of 1 x 128 (``memory_bytes``)."""
+    # the sha256 of each file is in the manifest (``inspect --json``)
+    rows = []
+    for s in manifest.stages:
+        files = [f for f in (s.file, s.weights) if f is not None]
+        size = sum((root / f).stat().st_size for f in files)
+        memory = "–" if s.memory_bytes is None else human_bytes(s.memory_bytes)
+        rows.append([s.name, s.device, " + ".join(files), human_bytes(size), memory])
+    headers = ["stage", "device", "files", "size", "memory (predicted)"]
+    return format_table(headers, rows, title=title)
+
+
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -214,25 +225,7 @@ def inspect(package: Path, as_json: bool) -> None:
     io_rows = [["input", t.name, t.dtype, list(t.shape)] for t in manifest.inputs]
     io_rows += [["output", t.name, t.dtype, list(t.shape)] for t in manifest.outputs]
     click.echo(format_table(["", "name", "dtype", "shape"], io_rows))
-    stage_rows = [
-        [
-            s.name,
-            s.device,
-            s.file if s.weights is None else f"{s.file} + {s.weights}",
-            human_bytes(
-                sum(pkg.path(f).stat().st_size for f in (s.file, s.weights) if f is not None)
-            ),
-            "–" if s.memory_bytes is None else human_bytes(s.memory_bytes),
-            s.sha256[:12],
-        ]
-        for s in manifest.stages
-    ]
-    headers = ["stage", "device", "files", "size", "memory (predicted)", "sha256"]
-    click.echo(format_table(headers, stage_rows))
-    click.echo(
-        "memory: predicted resident bytes of the stage's session above the bare interpreter, "
-        "one request of 1 x 128"
-    )
+    click.echo(_stages_table(pkg.root, manifest))
     if manifest.preprocessing:
         click.echo(f"preprocessing: {manifest.preprocessing}")
     if manifest.postprocessing:

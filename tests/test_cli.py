@@ -34,6 +34,11 @@ def test_export_run_inspect(tiny_models, tmp_path):
     result = edgec("inspect", str(package))
     assert result.returncode == 0
     assert "last_hidden_state" in result.stdout and "model.onnx" in result.stdout
+    # the stage's predicted memory: the session's own ~19 MB dominate a model this small
+    predicted = json.loads(edgec("inspect", str(package), "--json").stdout)["stages"][0]
+    assert 19e6 <= predicted["memory_bytes"] < 30e6
+    assert re.search(r"memory \(predicted\)", result.stdout)
+    assert re.search(r"model\.onnx\s+[\d.]+ [KM]B\s+[\d.]+ MB", result.stdout), result.stdout
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str], code: int, pattern: str) -> None:
