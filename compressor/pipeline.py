@@ -9,6 +9,7 @@ set when there is one; the recipe's floor must hold on both.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from edgec.models.checkpoint import save_checkpoint
 from edgec.models.spec import ModelSpec
 from torch import nn
 
-from edgec.errors import FidelityError
+from edgec.errors import EdgecError, FidelityError
 
 # Batches on which smoothing and int8 fallbacks are chosen: a minimum cosine over few sentences
 # is optimistic (8 batches met 0.993 where the 200 held-out sentences gave 0.987).
@@ -105,6 +106,9 @@ class CompressResult:
     recipe: Recipe
     steps: list[StepReport]
     notes: tuple[str, ...]
+    # resident bytes a device's process is predicted to hold above the bare interpreter,
+    # loading the exported package and running one request of 1 x 128 (a trial export)
+    memory_bytes: int | None = None
 
     @property
     def final(self) -> StepReport:
@@ -114,6 +118,7 @@ class CompressResult:
         return {
             "recipe": self.recipe.name,
             "notes": list(self.notes),
+            "predicted_memory_bytes": self.memory_bytes,
             "evaluation": (
                 "fidelity against the original on held-out data; fidelity_off_domain on "
                 "held-out data from another domain (null when there is none)"
@@ -265,8 +270,12 @@ def compress(
     eval: str | os.PathLike[str] | None = None,
     on_step: Callable[[str], None] | None = None,
     off_domain: str | os.PathLike[str] | None = None,
+    predict_memory: bool = True,
 ) -> CompressResult:
     """Compress ``source`` with ``recipe`` into a checkpoint at ``output``.
+
+    ``predict_memory``: export the checkpoint once to a temporary package to predict the
+    memory a device pays for it (``CompressResult.memory_bytes``, in the report).
 
     ``calib``, ``eval``, ``off_domain``: data files as ``load_data`` takes them; without
     ``off_domain``, a built-in model's bundled sample brings its own off-domain set (minilm:
@@ -322,6 +331,18 @@ def compress(
     save_checkpoint(Path(output), model, spec, record)
     if any(isinstance(s, QuantizeStep) and s.mode == "static" for s in plan.steps):
         _save_calibration(Path(output), _head(data.calibration))
+    if predict_memory:
+        from edgec.exporters.build import predicted_memory
+
+        say("predicting the memory a device pays (a trial export)")
+        try:
+            memory = predicted_memory(Path(output))
+        except EdgecError as exc:  # the checkpoint stands; `edgec export` will say what failed
+            say(f"memory not predicted: {exc}")
+        else:
+            result = dataclasses.replace(result, memory_bytes=memory)
+            record["report"] = result.report()
+            save_checkpoint(Path(output), model, spec, record)
     _check_floor(plan, result.final, data, Path(output))
     return result
 

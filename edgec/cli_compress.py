@@ -108,5 +108,10 @@ def compress(
     click.echo(
         format_table(headers, rows, title=f"checkpoint {result.path} (recipe {result.recipe.name})")
     )
+    if result.memory_bytes is not None:
+        click.echo(
+            f"predicted memory on a device: {human_bytes(result.memory_bytes)} above the bare "
+            "interpreter, loading the exported package and running one request of 1 x 128"
+        )
     for note in result.notes:
         click.echo(f"note: {note}")

@@ -121,3 +121,13 @@ def export(
             profiles = devices if isinstance(devices, DeviceSet) else load_devices(devices)
             manifest = partition_staged(root, profiles, strategy, objective, on_step=step)[0]
     return ExportResult(path=Path(output), manifest=manifest, parity=parity)
+
+
+def predicted_memory(source: str | os.PathLike[str]) -> int:
+    """Resident bytes a device's process is predicted to hold for ``source``'s package above
+    the bare interpreter, running one request of 1 x 128: a trial export, thrown away."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgec-memory-") as tmp:
+        stages = export(source, Path(tmp) / "package").manifest.stages
+        return sum(s.memory_bytes or 0 for s in stages)

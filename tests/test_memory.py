@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from edgec.models import load_model
+from edgec.models.checkpoint import read_checkpoint
 from edgec.runtimes import read_package
 from edgec.runtimes.lowbit import load_coded_weights
 from edgec.runtimes.memory import baseline, measure
@@ -40,9 +41,11 @@ def test_embedding_table_stays_packed_in_the_graph(minilm_lowbit):
 
 
 def test_loaded_package_holds_what_the_manifest_predicts(minilm_lowbit):
-    _, package = minilm_lowbit
+    checkpoint, package = minilm_lowbit
     predicted = read_package(package).manifest.stages[0].memory_bytes
     assert predicted is not None
+    # compress predicted the same, from a trial export of the same checkpoint
+    assert read_checkpoint(checkpoint)["report"]["predicted_memory_bytes"] == predicted
     figures = measure(package, shapes=[(1, 128)], threads=2)
     held = max(figures.load_peak, figures.run_peak["1x128"]) - figures.baseline
     # generous: the prediction is a cost model, the measurement a shared machine's process
