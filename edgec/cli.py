@@ -192,6 +192,70 @@ def _preview(vector: np.ndarray) -> str:
     return "[" + ", ".join(f"{x:+.3f}" for x in vector[:4]) + ", …]"
 
 
+def _shape(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> list[tuple[int, int]]:
+    shapes = []
+    for value in values:
+        batch, _, sequence = value.partition("x")
+        if not (batch.isdigit() and sequence.isdigit() and int(batch) > 0 and int(sequence) > 0):
+            raise click.BadParameter(f"{value!r} is not BATCHxSEQUENCE, e.g. 1x128")
+        shapes.append((int(batch), int(sequence)))
+    return shapes
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    default=("1x128", "32x128"),
+    show_default=True,
+    callback=_shape,
+    help="BATCHxSEQUENCE of one run (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (bytes).")
+def memory(package: Path, shapes: list[tuple[int, int]], as_json: bool) -> None:
+    """Measure what PACKAGE costs a device: a fresh process loads it and runs each shape."""
+    from edgec.runtimes import memory as probe
+    from edgec.runtimes import read_package
+
+    stages = read_package(package).manifest.stages
+    progress(f"loading and running {package} in a fresh process")
+    figures = probe.measure(package, shapes)
+    bare = probe.baseline()
+    predicted = (
+        sum(s.memory_bytes or 0 for s in stages) if all(s.memory_bytes for s in stages) else None
+    )
+    if as_json:
+        emit_json({**figures.to_json(), "bare_baseline": bare, "predicted": predicted})
+        return
+    rows = [
+        ["bare interpreter + numpy + onnxruntime", human_bytes(bare), ""],
+        ["this process before loading", human_bytes(figures.baseline), ""],
+        [
+            "peak while loading",
+            human_bytes(figures.load_peak),
+            human_bytes(figures.load_peak - bare),
+        ],
+        [
+            "resident after loading",
+            human_bytes(figures.after_load),
+            human_bytes(figures.after_load - bare),
+        ],
+    ]
+    for shape, peak in figures.run_peak.items():
+        rows.append([f"peak running {shape}", human_bytes(peak), human_bytes(peak - bare)])
+    click.echo(format_table(["", "resident", "above bare"], rows, title=f"memory of {package}"))
+    if predicted is not None and "1x128" in figures.run_peak:
+        measured = max(figures.load_peak, figures.run_peak["1x128"]) - figures.baseline
+        click.echo(
+            f"1x128 above this process before loading: predicted by the manifest "
+            f"{human_bytes(predicted)}, measured {human_bytes(measured)}"
+        )
+
+
 def _stages_table(root: Path, manifest: Manifest, title: str = "") -> str:
     """Each stage: its device, files, bytes on disk and the memory its process is predicted to
     hold above the bare interpreter running one request of 1 x 128 (``memory_bytes``)."""

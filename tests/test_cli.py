@@ -89,3 +89,20 @@ def test_readme_test_command_is_what_ci_runs():
     commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command.strip() in ci
+
+
+def test_memory_measures_a_fresh_process_and_names_a_bad_shape(bert_package):
+    result = edgec("memory", str(bert_package), "--shape", "2x8", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert set(figures["run_peak"]) == {"2x8"}
+    assert figures["bare_baseline"] < figures["baseline"] <= figures["load_peak"]
+    assert figures["peak"] == max(figures["load_peak"], figures["run_peak"]["2x8"])
+    assert (
+        figures["predicted"]
+        == json.loads(edgec("inspect", str(bert_package), "--json").stdout)["stages"][0][
+            "memory_bytes"
+        ]
+    )
+    bad = edgec("memory", str(bert_package), "--shape", "2by8")
+    assert bad.returncode == 2 and "BATCHxSEQUENCE" in bad.stderr
