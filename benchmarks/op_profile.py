@@ -1,10 +1,11 @@
 """Where an ONNX model's time goes: onnxruntime's profiler, summed by operator type.
 
-    python benchmarks/op_profile.py build/bench/balanced.pkg/model.onnx --batch 1
+    python benchmarks/op_profile.py build/bench/balanced.pkg --batch 1
     python benchmarks/op_profile.py build/bench/ort-dynamic-defaults.onnx --batch 32
 
-2 threads, random token ids (or pixels) at the given batch and 128 tokens, a few warm-up runs,
-then the kernel time per run of each operator type in the optimized graph, largest first.
+MODEL is an .onnx file or a single-stage package (its coded weights decoded as edgec's runtime
+does). 2 threads, random token ids (or pixels) at the given batch and 128 tokens, a few warm-up
+runs, then the kernel time per run of each operator type in the optimized graph, largest first.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def _feeds(session: ort.InferenceSession, batch: int, sequence: int) -> dict[str
     return feeds
 
 
+def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    if not path.is_dir():
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from edgec.runtimes import read_package
+    from edgec.runtimes.backends import create_session
+
+    package = read_package(path)
+    (stage,) = package.manifest.stages
+    weights = None if stage.weights is None else package.path(stage.weights)
+    return create_session(
+        package.path(stage.file), options, ["CPUExecutionProvider"], weights, stage.coded
+    )
+
+
 def profile(path: Path, batch: int, sequence: int, runs: int) -> tuple[float, Counter[str]]:
     """(kernel milliseconds per run, milliseconds per run by operator type)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +62,7 @@ def profile(path: Path, batch: int, sequence: int, runs: int) -> tuple[float, Co
         options.log_severity_level = 3
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _session(path, options)
         feeds = _feeds(session, batch, sequence)
         for _ in range(WARMUP + runs):
             session.run(None, feeds)
