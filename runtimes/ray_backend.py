@@ -45,7 +45,9 @@ class StageWorker:
         model: bytes,
         sha256: str,
         device: dict[str, Any],
-        weights: tuple[bytes, str, list[dict[str, Any]]] | None = None,
+        weights: bytes | None = None,
+        weights_sha256: str = "",
+        coded: tuple[dict[str, Any], ...] = (),
     ):
         import io
 
@@ -55,15 +57,17 @@ class StageWorker:
         if hashlib.sha256(model).hexdigest() != sha256:
             raise DeviceError("stage file arrived corrupted: its sha256 does not match")
         info = DeviceInfo.from_json(device)
-        coded: tuple[CodedWeight, ...] = ()
         weights_file = None
-        if weights is not None:  # (bytes, sha256, coded weights) of the stage's weights file
-            data, digest, entries = weights
-            if hashlib.sha256(data).hexdigest() != digest:
+        if weights is not None:  # the stage's weights file: codes its runtime decodes at load
+            if hashlib.sha256(weights).hexdigest() != weights_sha256:
                 raise DeviceError("weights file arrived corrupted: its sha256 does not match")
-            weights_file, coded = io.BytesIO(data), tuple(CodedWeight.from_json(e) for e in entries)
+            weights_file = io.BytesIO(weights)
         self._session = create_session(
-            model, session_options(info), list(info.providers), weights_file, coded
+            model,
+            session_options(info),
+            list(info.providers),
+            weights_file,
+            tuple(CodedWeight.from_json(c) for c in coded),
         )
         self._names = [o.name for o in self._session.get_outputs()]
 
@@ -125,20 +129,23 @@ class RayBackend:
             for name in (stage.file, stage.weights):
                 if name is not None and name not in files:  # restarted actors read them again
                     files[name] = ray.put(package.path(name).read_bytes())
-            weights = None
-            if stage.weights is not None:
-                weights = (
+            # object refs as top-level arguments: Ray resolves those, not refs inside containers
+            weights = (
+                ()
+                if stage.weights is None
+                else (
                     files[stage.weights],
                     manifest.files[stage.weights],
-                    [c.to_json() for c in stage.coded],
+                    tuple(c.to_json() for c in stage.coded),
                 )
+            )
             self._actors[stage.name] = worker.options(
                 resources={device_resource(stage.device): STAGE_RESOURCE},
                 num_cpus=0,
                 max_restarts=-1,
                 max_task_retries=0,
             ).remote(
-                files[stage.file], stage.sha256, manifest.device(stage.device).to_json(), weights
+                files[stage.file], stage.sha256, manifest.device(stage.device).to_json(), *weights
             )
         self._files = files
         for name, actor in self._actors.items():

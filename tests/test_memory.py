@@ -54,3 +54,30 @@ def test_loaded_package_holds_what_the_manifest_predicts(minilm_lowbit):
     # fold-at-load decode passed 2 GB for this model
     assert figures.load_peak - figures.baseline < 120e6
     assert 30e6 < baseline() < figures.baseline + 1  # the bare interpreter is the floor
+
+
+def test_one_60_mb_board_holds_the_low_bit_package_and_decoded_weights_count_as_parameters(
+    minilm_lowbit,
+):
+    from edgec.exporters.partition import load_stage, plan_model
+    from edgec.runtimes.devices import DeviceProfile, DeviceSet
+
+    _, package = minilm_lowbit
+    pkg = read_package(package)
+    stage = pkg.manifest.stages[0]
+    pinned = frozenset(c.name for c in stage.coded)
+    board = DeviceSet((DeviceProfile(name="board", threads=1, memory_mb=60),))
+    plan, graph = plan_model(
+        load_stage(pkg, stage), pkg.manifest.inputs, board, "auto", pinned=pinned
+    )
+    assert plan.strategy == "single"
+    (only,) = plan.stages
+    decoded = sum(c.decoded_bytes for c in stage.coded)
+    # the int8 Linears are parameters (once as held, once more while onnxruntime prepacks them)
+    assert only.param_bytes >= decoded and only.memory_bytes >= only.param_bytes + decoded
+    assert only.memory_bytes <= 60e6
+    assert stage.memory_bytes is not None and stage.memory_bytes <= 60e6
+    # no decode passes through weight-sized activations: the embedding table decoded would be
+    # 47 MB, one FFN Linear's int64 positions (what the old fold-at-load decode made) 4.7 MB
+    activations = [b for name, b in graph.tensor_bytes.items() if name not in graph.param_bytes]
+    assert max(activations) < 4e6

@@ -123,3 +123,27 @@ def test_importing_the_runtime_does_not_import_ray():
     code = "import sys, edgec.runtimes, edgec.runtimes.backends; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_coded_weights_ship_with_their_stage_and_decode_on_the_device(
+    cluster, compressed_bert, tmp_path
+):
+    import json
+    import shutil
+
+    _, package = compressed_bert
+    on_board = tmp_path / "on-board-a"
+    shutil.copytree(package, on_board)
+    manifest = json.loads((on_board / "manifest.json").read_text())
+    assert manifest["stages"][0]["coded"], "the fixture's Linears are decoded at load"
+    manifest["devices"] = [{"name": "board-a", "providers": ["CPUExecutionProvider"]}]
+    manifest["stages"][0]["device"] = "board-a"
+    (on_board / "manifest.json").write_text(json.dumps(manifest))
+    feeds = _feeds(on_board)
+    expected = load_package(on_board).run(feeds)
+    runtime = load_package(on_board, backend="ray", address=cluster.address, timeout_s=TIMEOUT_S)
+    try:
+        actual = runtime.run(feeds)
+        assert np.array_equal(actual["last_hidden_state"], expected["last_hidden_state"])
+    finally:
+        runtime.close()
