@@ -33,8 +33,8 @@ def model_memory(params: int, pinned: int, live: int) -> int:
     """Bytes a stage's model holds in a session: what a device's memory budget bounds.
 
     ``params``: weight bytes as onnxruntime computes with them; ``pinned``: the part of them the
-    runtime supplies decoded (it keeps that buffer while onnxruntime prepacks its own copy, so
-    it counts twice); ``live``: the peak bytes of activations alive at once.
+    runtime supplies decoded (its buffer and onnxruntime's prepacked copy coexist while the
+    session loads, so it counts twice); ``live``: the peak bytes of activations alive at once.
     """
     return params + pinned + live
 

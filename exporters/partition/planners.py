@@ -79,8 +79,8 @@ class Context:
         return self._row(start)[0][stop - start]
 
     def memory_bytes(self, start: int, stop: int, share: float = 1.0) -> int:
-        """What the segment's model holds: parameters as held (runtime-decoded ones twice) plus
-        the largest set of live activations inside it (``model_memory``)."""
+        """What the segment's model holds at its peak: parameters as held (runtime-decoded ones
+        twice, while loading) plus the largest set of live activations inside it."""
         params, pins, peaks = self._row(start)
         at = stop - start
         return model_memory(params[at], pins[at], int(peaks[at] * share))
