@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 from edgec.exporters.compressed import compress_graph
 from edgec.exporters.package_writer import hash_files, staging, write_manifest
 from edgec.exporters.partition import load_stage_file, partition_staged, predict_memory
@@ -75,12 +76,14 @@ def export(
         step("checking parity: onnxruntime against torch")
         parity = check_parity(model, spec, root / MODEL_FILE)
         compressed = compress_graph(source, model, spec, root / MODEL_FILE)  # checkpoints only
+        # the graph as the runtime will run it: coded weights decoded into place (their buffer
+        # is made in memory at load, so neither the checker nor onnxruntime finds it on disk)
+        runnable = load_stage_file(root / MODEL_FILE, compressed.weights, compressed.coded, root)
+        onnx.checker.check_model(runnable)
         step("predicting the memory a device pays")
-        memory = predict_memory(
-            load_stage_file(root / MODEL_FILE, compressed.weights, compressed.coded, root),
-            spec.inputs,
-            frozenset(c.name for c in compressed.coded),
-        )
+        pinned = frozenset(c.name for c in compressed.coded)
+        memory = predict_memory(runnable, spec.inputs, pinned)
+        del runnable
         step("writing the package")
         stage_files = (
             [MODEL_FILE] if compressed.weights is None else [MODEL_FILE, compressed.weights]
