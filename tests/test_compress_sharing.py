@@ -57,7 +57,7 @@ def test_row_packing_round_trips(bits, rows, cols, seed):
     codes = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, cols))
     packed = pack_rows(codes, bits)
     assert packed.dtype == np.uint8
-    assert packed.shape == (rows, (cols * bits + 7) // 8 + 1)
+    assert packed.shape == (rows, -(-cols // 8) * bits + 1)  # groups of 8 codes, a spare byte
     assert np.array_equal(unpack_rows(packed, bits, cols), codes)
 
 
@@ -114,28 +114,31 @@ def test_matmul_weight_is_decoded_exactly_by_the_runtime_before_the_session(
     assert np.array_equal(session.run(None, {"x": x})[0], reference.run(None, {"x": x})[0])
 
 
-def _gather_model(table: np.ndarray) -> onnx.ModelProto:
+def _gather_model(table: np.ndarray, rank: int) -> onnx.ModelProto:
+    ids_shape = ["batch", "seq"][:rank]
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
         "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", "seq", 64])],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [*ids_shape, table.shape[1]])],
         [numpy_helper.from_array(table, "table")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 6])
-def test_embedding_table_stays_packed_and_gathered_rows_decode_exactly(bits):
-    table = _shared(np.random.default_rng(bits), bits, (300, 64))
-    model = _gather_model(table)
+@pytest.mark.parametrize(("bits", "cols"), [(2, 64), (3, 64), (3, 60), (4, 64), (5, 37), (8, 1024)])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_embedding_table_stays_packed_and_gathered_rows_decode_exactly(bits, cols, rank):
+    table = _shared(np.random.default_rng(bits), bits, (300, cols))
+    model = _gather_model(table, rank)
     result = encode_shared_weights(model)
     assert [e.decoded_at for e in result.encoded] == ["gather"] and not result.coded
+    assert [e.bits for e in result.encoded] == [bits]
     onnx.checker.check_model(model, full_check=True)
     sizes = {i.name: numpy_helper.to_array(i).nbytes for i in model.graph.initializer}
     assert "table" not in sizes
-    assert sizes["table.codes"] == 300 * ((64 * bits + 7) // 8 + 1)  # what the device holds
-    ids = np.random.default_rng(1).integers(0, 300, (2, 9))
+    assert sizes["table.codes"] == 300 * (-(-cols // 8) * bits + 1)  # what the device holds
+    ids = np.random.default_rng(1).integers(0, 300, (2, 9)[:rank] if rank == 2 else (7,))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.array_equal(session.run(None, {"ids": ids})[0], table[ids])
 
