@@ -42,6 +42,7 @@ class TextEncoder:
 
     def __init__(self, config: TextPreprocessing, tokenizer_path: Path):
         self._tokenizer = load_tokenizer(tokenizer_path)
+        self.vocab_size = int(self._tokenizer.get_vocab_size())
         self._tokenizer.enable_truncation(max_length=config.max_length)
         pad_id = self._tokenizer.token_to_id("[PAD]")
         if pad_id is None:

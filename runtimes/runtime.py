@@ -88,9 +88,9 @@ class Runtime:
         self._executor = Executor(package.manifest, self._backend)
 
     @cached_property
-    def _text(self) -> TextEncoder | None:
-        """The tokenizer, loaded on first use: a device fed token tensors never pays its memory
-        (about 15 MB resident for minilm's)."""
+    def text_encoder(self) -> TextEncoder | None:
+        """The package's tokenizer, loaded on first use: a device fed token tensors never pays
+        its memory (about 15 MB resident for minilm's). None for packages without one."""
         pre = self.package.manifest.preprocessing
         if not isinstance(pre, TextPreprocessing):
             return None
@@ -116,10 +116,10 @@ class Runtime:
     def encode(self, inputs: Sequence[str] | np.ndarray) -> Feeds:
         """Apply the package's pre-processing: texts -> token tensors, images -> pixel tensor."""
         pre = self.manifest.preprocessing
-        if self._text is not None:
+        if self.text_encoder is not None:
             if isinstance(inputs, np.ndarray):
                 raise InputError("this package takes text: give a list of strings")
-            return self._text(inputs)
+            return self.text_encoder(inputs)
         if isinstance(pre, ImagePreprocessing):
             return encode_images(pre, np.asarray(inputs))
         raise InputError(f"package {self.name!r} carries no pre-processing; use run() with tensors")
@@ -131,7 +131,9 @@ class Runtime:
             raise InputError(f"package {self.name!r} is not an embedding model")
         feeds = self.encode(texts)
         outputs = self.run(feeds)
-        mask = feeds.get(self._text.config.attention_mask or "") if self._text else None
+        mask = (
+            feeds.get(self.text_encoder.config.attention_mask or "") if self.text_encoder else None
+        )
         return pool(post, outputs[post.output], mask)
 
     def classify(self, inputs: Sequence[str] | np.ndarray) -> Classification:

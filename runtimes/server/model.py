@@ -19,7 +19,6 @@ from edgec.runtimes.manifest import (
     TensorInfo,
     TextPreprocessing,
 )
-from edgec.runtimes.processing import load_tokenizer
 from edgec.runtimes.runtime import Runtime, check_feeds
 from edgec.runtimes.server.protocol import DATATYPE_OF, ProtocolError
 from edgec.runtimes.server.text import answer_texts
@@ -70,10 +69,9 @@ class ServedModel:
         self.vocab_size = self._vocab_size()
 
     def _vocab_size(self) -> int | None:
-        pre = self.runtime.manifest.preprocessing
-        if not isinstance(pre, TextPreprocessing):
-            return None
-        return int(load_tokenizer(self.runtime.package.path(pre.tokenizer)).get_vocab_size())
+        # the runtime's own tokenizer: loading it here also makes the server ready for text
+        encoder = self.runtime.text_encoder
+        return None if encoder is None else encoder.vocab_size
 
     # metadata -----------------------------------------------------------------------------
 
