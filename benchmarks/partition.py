@@ -45,12 +45,12 @@ def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[di
             lambda s=stage.name, p=part: backend.run_stage(s, p), repeats, warmup=3
         )
         tensors.update(backend.run_stage(stage.name, part))
-        predicted = float(stage.extra["predicted_ms"])
+        predicted = float(stage.predicted_ms or 0.0)
         rows.append(
             {
                 "stage": f"{label} {stage.name}",
                 "device": stage.device,
-                "nodes": stage.extra["nodes"],
+                "nodes": list(stage.nodes or ()),
                 "predicted_ms": round(predicted, 3),
                 "measured_ms": round(measured, 3),
                 "error": round(measured / predicted - 1, 3),

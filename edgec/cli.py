@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import numpy as np
 
+from edgec.cli_devices import OBJECTIVE, STRATEGY
 from edgec.errors import EdgecError, InputError
 from edgec.table import format_table, human_bytes
 
@@ -62,14 +63,14 @@ def cli() -> None:
 )
 @click.option(
     "--strategy",
-    type=click.Choice(["auto", "pipeline", "data", "heads", "single"]),
+    type=STRATEGY,
     default="auto",
     show_default=True,
     help="How to partition (with --devices).",
 )
 @click.option(
     "--objective",
-    type=click.Choice(["latency", "throughput"]),
+    type=OBJECTIVE,
     default=None,
     help="What the plan minimises [default: throughput for pipeline, else latency].",
 )

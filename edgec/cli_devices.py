@@ -34,7 +34,29 @@ def emit_json(data: object) -> None:
     emit(data)
 
 
-STRATEGY = click.Choice(["auto", "pipeline", "data", "heads", "single"])
+class StrategyType(click.ParamType):
+    """A partition strategy's name, checked against the registry
+    (``edgec.exporters.partition.strategies``) when used, so the CLI keeps no list of its own."""
+
+    name = "strategy"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from edgec.exporters.partition.strategies import STRATEGIES
+
+        return "[" + "|".join(STRATEGIES) + "]"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        from edgec.exporters.partition.strategies import get_strategy
+
+        try:
+            return get_strategy(str(value)).name
+        except DeviceError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+STRATEGY = StrategyType()
 OBJECTIVE = click.Choice(["latency", "throughput"])
 
 
@@ -104,9 +126,9 @@ def profile_device_command(
 
 def _onnx_and_inputs(
     source: str, workdir: Path
-) -> tuple[Path | onnx.ModelProto, tuple[TensorInfo, ...], frozenset[str]]:
+) -> tuple[Path | onnx.ModelProto, tuple[TensorInfo, ...], frozenset[str], str]:
     """A package or a model source -> (ONNX path or model, model inputs, the weights the
-    runtime decodes and supplies itself)."""
+    runtime decodes and supplies itself, the sha256 of the package's model or "")."""
     from edgec.exporters.partition import load_stage
     from edgec.runtimes.package import read_package
 
@@ -117,7 +139,7 @@ def _onnx_and_inputs(
             raise DeviceError(f"package {source!r} is already partitioned; plan its source")
         stage = package.manifest.stages[0]
         pinned = frozenset(c.name for c in stage.coded)
-        return load_stage(package, stage), package.manifest.inputs, pinned
+        return load_stage(package, stage), package.manifest.inputs, pinned, stage.sha256
     from edgec.exporters.torch_to_onnx import export_onnx
     from edgec.models import load_model
 
@@ -127,7 +149,7 @@ def _onnx_and_inputs(
     model, spec = load_model(source)
     target = workdir / "model.onnx"
     export_onnx(model, spec, target)
-    return target, spec.inputs, frozenset()
+    return target, spec.inputs, frozenset(), ""
 
 
 @click.command("plan")
@@ -160,7 +182,7 @@ def plan_command(
     profiles = _load(devices)
     workdir = Path(tempfile.mkdtemp(prefix="edgec-plan-"))
     try:
-        onnx_path, inputs, pinned = _onnx_and_inputs(source, workdir)
+        onnx_path, inputs, pinned, digest = _onnx_and_inputs(source, workdir)
         progress("measuring the graph and planning")
         plan, _ = plan_model(
             onnx_path,
@@ -171,6 +193,7 @@ def plan_command(
             batch=batch,
             sequence=sequence,
             pinned=pinned,
+            source=digest,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -193,6 +216,12 @@ def plan_command(
 @click.argument("package", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 @device_options
+@click.option(
+    "--plan",
+    "saved",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Apply this saved plan (`edgec plan --save`) instead of planning again.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def partition_command(
     package: Path,
@@ -200,23 +229,32 @@ def partition_command(
     devices: Path | None,
     strategy: str,
     objective: str | None,
+    saved: Path | None,
     as_json: bool,
 ) -> None:
     """Partition an exported (or compressed) single-stage PACKAGE over devices into OUTPUT."""
     from edgec.exporters.partition import partition_package
+    from edgec.exporters.partition.plan import Plan
 
-    result = partition_package(package, output, _load(devices), strategy, objective)
+    plan = None if saved is None else Plan.load(saved)
+    result = partition_package(package, output, _load(devices), strategy, objective, plan=plan)
+    tolerance = result.tolerance.describe() if result.tolerance else ""
     if as_json:
         emit_json(
             {
                 "package": str(output),
                 "plan": result.plan.to_json(),
                 "max_abs_error": result.max_abs_error,
+                "min_cosine": result.min_cosine,
+                "tolerance": tolerance,
             }
         )
         return
     click.echo(result.plan.format())
-    click.echo(f"partitioned vs whole graph: max abs error {result.max_abs_error:.3g}")
+    click.echo(
+        f"partitioned vs whole graph: max abs error {result.max_abs_error:.3g}, min cosine "
+        f"{result.min_cosine:.6f} (tolerance: {tolerance})"
+    )
 
 
 def ray_start_args(

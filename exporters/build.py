@@ -122,7 +122,7 @@ def export(
         read_package(root)  # what we wrote must load
         if devices is not None:
             profiles = devices if isinstance(devices, DeviceSet) else load_devices(devices)
-            manifest = partition_staged(root, profiles, strategy, objective, on_step=step)[0]
+            manifest = partition_staged(root, profiles, strategy, objective, on_step=step).manifest
     return ExportResult(path=Path(output), manifest=manifest, parity=parity)
 
 

@@ -17,7 +17,7 @@ Both decodes are exact: they reproduce the original tensor bit for bit (tested).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -213,8 +213,12 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return found
 
 
-def _candidates(graph: onnx.GraphProto, min_elements: int) -> Iterable[tuple[int, np.ndarray]]:
+def _candidates(
+    graph: onnx.GraphProto, min_elements: int, only: Collection[str] | None
+) -> Iterable[tuple[int, np.ndarray]]:
     for index, init in enumerate(graph.initializer):
+        if only is not None and init.name not in only:
+            continue
         if len(init.dims) != 2 or int(np.prod(init.dims)) < min_elements:
             continue
         if init.data_type not in (TensorProto.FLOAT, TensorProto.INT8):
@@ -226,17 +230,18 @@ def _candidates(graph: onnx.GraphProto, min_elements: int) -> Iterable[tuple[int
 
 
 def encode_shared_weights(
-    model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
+    model: onnx.ModelProto, min_elements: int = MIN_ELEMENTS, only: Collection[str] | None = None
 ) -> SharedEncoding:
     """Replace, in place, each 2-D float32/int8 initializer with few distinct values per row by
     its packed codes: decoded per run after Gather for tables, else by the runtime at load from
-    the stage's weights file (``SharedEncoding.arrays``)."""
+    the stage's weights file (``SharedEncoding.arrays``). ``only``: consider just these names
+    (a partitioned stage re-encodes the weights its source held as codes, sliced or not)."""
     graph = model.graph
     consumers = _consumers(graph)
     result = SharedEncoding()
     replaced: dict[int, list[onnx.TensorProto]] = {}
     placeholders: dict[str, onnx.TensorProto] = {}
-    for index, array in _candidates(graph, min_elements):
+    for index, array in _candidates(graph, min_elements, only):
         name = graph.initializer[index].name
         table = _gather_only(name, consumers.get(name, []))
         plan = _plan(array, transposable=not table)

@@ -60,7 +60,7 @@ def run_data_parallel(executor: Executor, feeds: Feeds) -> Feeds:
     if not batched:
         raise PackageError("a data-parallel package needs inputs with a symbolic batch axis")
     batch = int(feeds[batched[0]].shape[0])
-    shares = [float(s.extra.get("batch_share", 1.0)) for s in manifest.stages]
+    shares = [1.0 if s.batch_share is None else s.batch_share for s in manifest.stages]
     jobs = []
     for stage, (lo, hi) in zip(manifest.stages, batch_slices(shares, batch), strict=True):
         if hi > lo:
@@ -76,12 +76,12 @@ def run_data_parallel(executor: Executor, feeds: Feeds) -> Feeds:
 
 
 def run_groups(executor: Executor, feeds: Feeds) -> Feeds:
-    """Head-parallel: stage groups in order (``extra["group"]``); the stages of a group run at
+    """Head-parallel: stage groups in order (``StageInfo.group``); the stages of a group run at
     once on the same tensors and their same-named outputs are summed (the aggregation)."""
     manifest = executor.manifest
     groups: dict[int, list[StageInfo]] = {}
     for stage in manifest.stages:
-        groups.setdefault(int(stage.extra.get("group", 0)), []).append(stage)
+        groups.setdefault(stage.group or 0, []).append(stage)
     kind = manifest.aggregation.get("kind", "sum")
     tensors: dict[str, np.ndarray] = dict(feeds)
     for _, stages in sorted(groups.items()):
@@ -96,11 +96,11 @@ def run_groups(executor: Executor, feeds: Feeds) -> Feeds:
 
 
 Run = Callable[["Executor", Feeds], Feeds]
+# How a manifest's stages run (``Manifest.execution``); each partition strategy names one.
 EXECUTORS: dict[str, Run] = {
-    "single": run_chain,
-    "pipeline": run_chain,
-    "data": run_data_parallel,
-    "heads": run_groups,
+    "chain": run_chain,
+    "batch": run_data_parallel,
+    "groups": run_groups,
 }
 
 
@@ -108,14 +108,15 @@ class Executor:
     """A manifest's stage graph over a backend. Thread-safe: requests may overlap."""
 
     def __init__(self, manifest: Manifest, backend: Backend):
-        if manifest.strategy not in EXECUTORS:
+        if manifest.execution not in EXECUTORS:
             raise PackageError(
-                f"package strategy {manifest.strategy!r} has no executor; known: {sorted(EXECUTORS)}"
+                f"package execution {manifest.execution!r} (strategy {manifest.strategy!r}) "
+                f"is unknown to this edgec; known: {sorted(EXECUTORS)}"
             )
         self.manifest = manifest
         self.backend = backend
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(manifest.stages)))
-        self._run = EXECUTORS[manifest.strategy]
+        self._run = EXECUTORS[manifest.execution]
 
     def run(self, feeds: Feeds) -> Feeds:
         return self._run(self, feeds)

@@ -147,6 +147,14 @@ class DeviceInfo:
         )
 
 
+def _span(value: Any, what: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise PackageError(f"{what} must be two integers [start, stop], got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 @dataclass(frozen=True)
 class StageInfo:
     """One ONNX file of the package, run on one device.
@@ -155,7 +163,11 @@ class StageInfo:
     what it produces. ``weights`` names the stage's weights file (row-packed codes) and
     ``coded`` the weights the runtime decodes from it before creating the session;
     ``memory_bytes`` is the predicted resident memory of the stage's session above the bare
-    interpreter (``edgec.runtimes.memory``). ``extra`` carries strategy-specific fields.
+    interpreter (``edgec.runtimes.memory``), ``predicted_ms`` its predicted time at the planning
+    size. What a partition strategy records: ``nodes``, the range of the source graph's nodes it
+    holds (pipeline); ``batch_share``, the fraction of each batch it runs (data); ``group``
+    (stages of one group run at once on the same tensors, their outputs aggregated) and
+    ``units``, the heads or neurons of its block it keeps (heads).
     """
 
     name: str
@@ -168,11 +180,19 @@ class StageInfo:
     weights: str | None = None
     coded: tuple[CodedWeight, ...] = ()
     memory_bytes: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    predicted_ms: float | None = None
+    nodes: tuple[int, int] | None = None
+    batch_share: float | None = None
+    group: int | None = None
+    units: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.coded and self.weights is None:
             raise PackageError(f"stage {self.name!r} has coded weights but no weights file")
+        if self.batch_share is not None and not 0.0 <= self.batch_share <= 1.0:
+            raise PackageError(
+                f"stage {self.name!r}: batch_share must lie in [0, 1], got {self.batch_share}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -187,16 +207,27 @@ class StageInfo:
         if self.weights is not None:
             data["weights"] = self.weights
             data["coded"] = [c.to_json() for c in self.coded]
-        if self.memory_bytes is not None:
-            data["memory_bytes"] = self.memory_bytes
-        data.update(self.extra)
+        optional = {
+            "memory_bytes": self.memory_bytes,
+            "predicted_ms": self.predicted_ms,
+            "nodes": None if self.nodes is None else list(self.nodes),
+            "batch_share": self.batch_share,
+            "group": self.group,
+            "units": None if self.units is None else list(self.units),
+        }
+        data.update({k: v for k, v in optional.items() if v is not None})
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StageInfo:
-        known = {"name", "device", "file", "sha256", "inputs", "outputs", "contrib_ops"}
-        known |= {"weights", "coded", "memory_bytes"}
-        memory = data.get("memory_bytes")
+        unknown = sorted(set(data) - _STAGE_KEYS)
+        if unknown:
+            raise PackageError(
+                f"stage {data.get('name')!r} has unknown keys {unknown}; known: {sorted(_STAGE_KEYS)}"
+            )
+        memory, ms, share, group = (
+            data.get(k) for k in ("memory_bytes", "predicted_ms", "batch_share", "group")
+        )
         return cls(
             name=data["name"],
             device=data["device"],
@@ -208,13 +239,32 @@ class StageInfo:
             weights=data.get("weights"),
             coded=tuple(CodedWeight.from_json(c) for c in data.get("coded", ())),
             memory_bytes=None if memory is None else int(memory),
-            extra={k: v for k, v in data.items() if k not in known},
+            predicted_ms=None if ms is None else float(ms),
+            nodes=_span(data.get("nodes"), "nodes"),
+            batch_share=None if share is None else float(share),
+            group=None if group is None else int(group),
+            units=_span(data.get("units"), "units"),
         )
+
+
+_STAGE_KEYS = frozenset(
+    {"name", "device", "file", "sha256", "inputs", "outputs", "contrib_ops", "weights", "coded"}
+    | {"memory_bytes", "predicted_ms", "nodes", "batch_share", "group", "units"}
+)
+
+
+# Packages written before the manifest named its execution: how their strategies ran.
+_LEGACY_EXECUTION = {"data": "batch", "heads": "groups"}
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything ``manifest.json`` holds. ``files`` maps every other file to its sha256."""
+    """Everything ``manifest.json`` holds. ``files`` maps every other file to its sha256.
+
+    ``strategy`` names the partition strategy that wrote the stages, ``execution`` how the
+    runtime runs them (``edgec.runtimes.executor.EXECUTORS``: a chain, a batch split over
+    stages, or groups of parallel stages) and ``aggregation`` how parallel results combine.
+    """
 
     name: str
     inputs: tuple[TensorInfo, ...]
@@ -227,6 +277,7 @@ class Manifest:
     edges: tuple[dict[str, Any], ...] = ()
     aggregation: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     strategy: str = "single"
+    execution: str = "chain"
     report: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
@@ -255,6 +306,7 @@ class Manifest:
             "postprocessing": asdict(self.postprocessing) if self.postprocessing else None,
             "devices": [d.to_json() for d in self.devices],
             "strategy": self.strategy,
+            "execution": self.execution,
             "stages": [s.to_json() for s in self.stages],
             "edges": list(self.edges),
             "aggregation": self.aggregation,
@@ -288,6 +340,8 @@ class Manifest:
                 ),
                 devices=tuple(DeviceInfo.from_json(d) for d in data["devices"]),
                 strategy=data.get("strategy", "single"),
+                execution=data.get("execution")
+                or _LEGACY_EXECUTION.get(str(data.get("strategy")), "chain"),
                 stages=tuple(StageInfo.from_json(s) for s in data["stages"]),
                 edges=tuple(data.get("edges", ())),
                 aggregation=data.get("aggregation", {"kind": "none"}),

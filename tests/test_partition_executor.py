@@ -71,14 +71,28 @@ def test_run_many_keeps_order_and_raises_the_failing_request():
     executor.close()
 
 
-def test_unknown_strategy_is_refused():
+def test_unknown_execution_is_refused():
     manifest = _chain()
     from dataclasses import replace
 
     with pytest.raises(
-        PackageError, match=r"strategy 'ring' has no executor; known: \['data', 'heads'"
+        PackageError, match=r"execution 'ring' \(strategy 'pipeline'\) is unknown to this edgec"
     ):
-        Executor(replace(manifest, strategy="ring"), _Doubler())
+        Executor(replace(manifest, execution="ring"), _Doubler())
+
+
+def test_every_strategy_runs_with_a_known_executor():
+    from edgec.exporters.partition.strategies import STRATEGIES
+    from edgec.runtimes.executor import EXECUTORS
+
+    assert {s.execution for s in STRATEGIES.values()} <= set(EXECUTORS)
+
+
+def test_packages_written_before_execution_was_recorded_still_run():
+    data = _chain().to_json()
+    del data["execution"]
+    for strategy, execution in (("data", "batch"), ("heads", "groups"), ("pipeline", "chain")):
+        assert Manifest.from_json({**data, "strategy": strategy}).execution == execution
 
 
 def test_device_side_modules_need_neither_torch_nor_onnx_nor_ray():

@@ -84,18 +84,18 @@ def test_heads_split_every_block_over_both_devices(bert_package, tmp_path):
     result = partition_package(bert_package, tmp_path / "split", EQUAL, "heads")
     groups: dict[int, list] = {}
     for stage in result.manifest.stages:
-        groups.setdefault(stage.extra["group"], []).append(stage)
+        groups.setdefault(stage.group, []).append(stage)
     parallel = [g for g in groups.values() if len(g) > 1]
     assert len(parallel) == 4  # 2 layers x (attention, FFN)
     for group in parallel:
         assert sorted(s.device for s in group) == ["board-a", "board-b"]
-        spans = sorted(tuple(s.extra["units"]) for s in group)
+        spans = sorted(s.units for s in group)
         assert spans[0][0] == 0 and spans[0][1] == spans[1][0]  # disjoint, together all units
         outputs = {s.outputs for s in group}
         assert len(outputs) == 1  # partial results of one tensor, summed by the aggregation
     assert result.manifest.aggregation == {"kind": "sum"}
     # 4 heads of 8 and 64 FFN neurons: each device holds half of every sliced weight
-    assert {tuple(s.extra["units"]) for g in parallel for s in g} == {
+    assert {s.units for g in parallel for s in g} == {
         (0, 2),
         (2, 4),
         (0, 32),

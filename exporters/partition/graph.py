@@ -20,6 +20,9 @@ from edgec.errors import ExportError
 _MATMULS = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"}
 _CONVS = {"Conv", "ConvInteger", "QLinearConv"}
 _INT8_WEIGHTS = {"DequantizeLinear"}  # a MatMul fed by these runs as an int8 kernel in ORT
+# Computed from weights alone, but left unfolded by onnxruntime (it fuses a weight's
+# DequantizeLinear into the int8 kernel that reads it): its int8 input is what is held.
+_KEPT_UNFOLDED = {"DequantizeLinear"}
 
 # What an onnxruntime session holds beyond its weights and activations, measured with
 # ``edgec.runtimes.memory`` on this project's packages (CPU provider, fresh process): about
@@ -58,6 +61,7 @@ class NodeCost:
     int8: bool
     bytes_touched: float
     params: frozenset[str]
+    constant: bool = False  # computed from weights alone: folded at load, costs no time
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,9 @@ class GraphProfile:
 
     ``tensor_bytes`` maps every value (input, intermediate, output) to its size in bytes;
     ``param_bytes`` maps each initializer (and Constant output) to its size in bytes;
-    ``pinned`` names the initializers the runtime supplies decoded (``edgec.runtimes.lowbit``).
+    ``pinned`` names the initializers the runtime supplies decoded (``edgec.runtimes.lowbit``);
+    ``constants`` the values computed from weights alone (a dequantize, a decode): parameters of
+    the nodes that read them, never tensors crossing between stages.
     """
 
     model: onnx.ModelProto
@@ -81,12 +87,13 @@ class GraphProfile:
     tensor_types: dict[str, tuple[int, int]]  # value -> (ONNX element type, rank)
     tensor_shapes: dict[str, tuple[int, ...]]  # value -> shape at the planning size
     pinned: frozenset[str] = frozenset()
+    constants: frozenset[str] = frozenset()
 
     def crossing(self, cut: int) -> list[str]:
         """Values made before position ``cut`` (or model inputs) and needed at or after it."""
         live = []
         for name in self.tensor_bytes:
-            if name in self.param_bytes:
+            if name in self.param_bytes or name in self.constants:
                 continue
             made = self.producers.get(name, -1)
             if made >= cut:
@@ -159,6 +166,7 @@ def analyse(
     """
     graph = model.graph
     params = {init.name: int(numpy_helper.to_array(init).nbytes) for init in graph.initializer}
+    initializers = frozenset(params)
     for node in graph.node:
         if node.op_type == "Constant":
             params[node.output[0]] = _constant_bytes(node)
@@ -185,15 +193,37 @@ def analyse(
     producers: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
     nodes = []
+    # value -> the weights it is computed from (and itself, where onnxruntime holds it folded)
+    roots: dict[str, frozenset[str]] = {name: frozenset([name]) for name in params}
     for index, node in enumerate(graph.node):
         for out in node.output:
             producers[out] = index
         for inp in node.input:
             if inp:
                 consumers.setdefault(inp, []).append(index)
-        used = frozenset(i for i in node.input if i in params)
-        if node.op_type == "Constant":
-            used = frozenset(node.output)
+        used = frozenset().union(*(roots[i] for i in node.input if i in roots))
+        constant = node.op_type == "Constant" or (
+            any(node.input) and all(i in roots for i in node.input if i)
+        )
+        if constant:
+            for out in node.output:
+                held = node.op_type not in _KEPT_UNFOLDED and node.op_type != "Constant"
+                if held and out in sizes:
+                    params[out] = sizes[out]
+                roots[out] = used | ({out} if held or node.op_type == "Constant" else set())
+            nodes.append(
+                NodeCost(
+                    index,
+                    node.name or f"{node.op_type}_{index}",
+                    node.op_type,
+                    0.0,
+                    False,
+                    0.0,
+                    frozenset(),
+                    True,
+                )
+            )
+            continue
         flops = 0.0
         if node.op_type in _MATMULS:
             flops = _matmul_flops(node, shapes)
@@ -206,7 +236,7 @@ def analyse(
                 for i in node.input[:2]
             )
         touched = 0.0
-        if not flops and node.op_type != "Constant":
+        if not flops:
             touched = float(
                 sum(sizes.get(i, 0) for i in node.input if i and i not in params)
                 + sum(sizes.get(o, 0) for o in node.output)
@@ -237,4 +267,5 @@ def analyse(
         tensor_types=types,
         tensor_shapes={**shapes, **{i.name: tuple(i.dims) for i in graph.initializer}},
         pinned=frozenset(pinned),
+        constants=frozenset(v for v in roots if v not in initializers),
     )

@@ -19,12 +19,59 @@ OBJECTIVES = ("latency", "throughput")
 
 
 @dataclass(frozen=True)
+class Cut:
+    """An initializer cut to a slice's units along ``axis``. The axis may hold ``groups`` equal
+    parts side by side (a fused attention's Q|K|V columns), each cut alike."""
+
+    name: str
+    axis: int
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class BlockSlice:
+    """What a head-parallel stage keeps of one attention or FFN block: units ``span`` of the
+    block's ``units`` heads (or neurons) of ``width`` columns each.
+
+    ``cuts`` name every initializer to cut, ``heads_attributes`` the nodes whose ``num_heads``
+    attribute becomes the kept count (fused attention): the writer needs nothing else.
+    """
+
+    kind: str  # attention | ffn
+    output: str
+    units: int
+    width: int
+    span: tuple[int, int]
+    cuts: tuple[Cut, ...]
+    heads_attributes: tuple[str, ...] = ()
+
+    @property
+    def kept(self) -> int:
+        return self.span[1] - self.span[0]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BlockSlice:
+        return cls(
+            **{
+                **data,
+                "span": (int(data["span"][0]), int(data["span"][1])),
+                "cuts": tuple(Cut(**c) for c in data["cuts"]),
+                "heads_attributes": tuple(data.get("heads_attributes", ())),
+            }
+        )
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage: nodes ``[start, stop)`` of the topological order on ``device``.
 
     Sizes in bytes, times in ms. ``inputs``/``outputs`` are the values crossing in and out;
     ``transfer_in_ms`` is the predicted time to bring ``bytes_in`` from the previous device.
     ``batch_share`` is the fraction of the batch it runs (data-parallel; 1 otherwise).
+    ``memory_bytes`` is what the device's budget bounds (the model's parameters and live
+    activations), ``process_bytes`` the predicted resident bytes of its process above the bare
+    interpreter. Head-parallel stages of one ``group`` run at once; ``slice`` says what a stage
+    keeps of its block.
     """
 
     name: str
@@ -40,8 +87,9 @@ class StagePlan:
     predicted_ms: float
     transfer_in_ms: float = 0.0
     batch_share: float = 1.0
-    group: int = 0  # heads: stages of one group run in parallel and their outputs are summed
-    units: tuple[int, int] | None = None  # heads: the heads or neurons this stage keeps
+    process_bytes: int = 0
+    group: int = 0
+    slice: BlockSlice | None = None
 
     @property
     def nodes(self) -> int:
@@ -54,7 +102,10 @@ class Plan:
 
     ``latency_ms`` is one request end to end; ``period_ms`` the time between results when
     requests stream (the slowest stage, hop included). ``reason`` says why this plan won;
-    ``alternatives`` lists the candidates it beat with their predicted cost.
+    ``alternatives`` lists the candidates it beat with their predicted cost; ``bound`` says
+    which constraint shaped the split (speed, or a device's memory). ``source`` is the sha256 of
+    the ONNX model planned (empty for a model planned from its source), so that a saved plan is
+    applied to no other model.
     """
 
     strategy: str
@@ -67,6 +118,8 @@ class Plan:
     assumptions: tuple[str, ...] = ()
     alternatives: tuple[dict[str, Any], ...] = ()
     aggregation: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    bound: str = "speed"
+    source: str = ""
 
     @property
     def score(self) -> float:
@@ -90,7 +143,7 @@ class Plan:
                     **s,
                     "inputs": tuple(s["inputs"]),
                     "outputs": tuple(s["outputs"]),
-                    "units": tuple(s["units"]) if s.get("units") else None,
+                    "slice": BlockSlice.from_json(s["slice"]) if s.get("slice") else None,
                 }
             )
             for s in data["stages"]
@@ -126,11 +179,23 @@ class Plan:
                 human_bytes(s.param_bytes),
                 human_bytes(s.memory_bytes),
                 f"{s.batch_share:.2f}",
+                f"{s.slice.kept}/{s.slice.units}" if s.slice else "",
                 round(s.predicted_ms, 3),
             ]
             for s in self.stages
         ]
-        headers = ["stage", "device", "nodes", "#", "GFLOP", "params", "memory", "batch", "ms"]
+        headers = [
+            "stage",
+            "device",
+            "nodes",
+            "#",
+            "GFLOP",
+            "params",
+            "memory",
+            "batch",
+            "units",
+            "ms",
+        ]
         shape = ", ".join(f"{k} {v}" for k, v in self.planning_shape.items())
         out = [format_table(headers, rows, title=f"plan: {self.strategy} ({shape})")]
         cuts = [
@@ -152,6 +217,7 @@ class Plan:
         ]
         if self.reason:
             notes.append(f"why: {self.reason}")
+        notes.append(f"bound by: {self.bound}")
         if self.assumptions:
             notes.append("assumed: " + "; ".join(self.assumptions))
         return "\n\n".join(out) + "\n\n" + "\n".join(notes)
@@ -161,8 +227,8 @@ class Plan:
         lines = []
         if self.strategy != other.strategy:
             lines.append(f"strategy: {self.strategy} -> {other.strategy}")
-        mine = [(s.device, s.start, s.stop, round(s.batch_share, 4)) for s in self.stages]
-        theirs = [(s.device, s.start, s.stop, round(s.batch_share, 4)) for s in other.stages]
+        mine = [_placement(s) for s in self.stages]
+        theirs = [_placement(s) for s in other.stages]
         if mine != theirs:
             lines.append(f"stages: {mine} -> {theirs}")
         for key in ("latency_ms", "period_ms"):
@@ -170,3 +236,8 @@ class Plan:
             if abs(a - b) > 1e-9:
                 lines.append(f"{key}: {a:.3f} -> {b:.3f}")
         return lines
+
+
+def _placement(stage: StagePlan) -> tuple[Any, ...]:
+    span = stage.slice.span if stage.slice else None
+    return (stage.device, stage.start, stage.stop, round(stage.batch_share, 4), span)
