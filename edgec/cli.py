@@ -7,7 +7,6 @@ Progress goes to stderr, results to stdout (a table, or JSON with ``--json``).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class EdgecGroup(click.Group):
+    """The ``edgec`` group: the one place an ``EdgecError`` becomes one line on stderr and its
+    exit code (``edgec.errors``), however the commands are invoked (console script, ``python
+    -m edgec.cli``, click's ``CliRunner``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgecError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=EdgecGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgec")
 def cli() -> None:
     """Compress transformer models, export them to ONNX, split and serve them on edge devices."""
@@ -302,20 +314,8 @@ def inspect(package: Path, as_json: bool) -> None:
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning ``EdgecError`` into one line and its exit code."""
-    try:
-        cli.main(standalone_mode=False)
-    except EdgecError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    """Entry point of the ``edgec`` console script."""
+    cli(prog_name="edgec")
 
 
 # The commands of each capability live in their own module; they import `cli` helpers from
