@@ -4,10 +4,13 @@
 
 1. ``profile-device`` measures this machine with 1 thread; two devices ``a`` and ``b`` get that
    profile (one machine, two 1-thread devices, a link as fast as memory).
-2. minilm is planned as a 2-stage pipeline (objective throughput) at batch 1, sequence 128;
-   each stage's measured median time is compared with its prediction.
-3. 64 requests stream through the pipeline (local backend, ``run_many``) against the same 64
-   through the whole model on one 1-thread device.
+2. minilm (fp32, and each ``--package`` given, e.g. the compressed ones) is planned as a
+   2-stage pipeline (objective throughput) and as heads at batch 1, sequence 128; each stage's
+   measured median time and memory (a fresh process opening only that stage) are compared
+   with the manifest's predictions.
+3. 64 requests stream through the pipeline (local backend, ``run_many``), and run one at a
+   time through the heads split, against the same 64 through the whole model on one 1-thread
+   device.
 4. The pipeline runs on a local 2-node Ray cluster; the extra time per request over the local
    backend, divided by the hops (stage calls), is Ray's cost per hop; bytes per hop from the
    manifest's edges.
@@ -31,10 +34,13 @@ from edgec.exporters import export
 from edgec.exporters.partition import partition_package, planning_feeds
 from edgec.runtimes import load_package
 from edgec.runtimes.devices import DeviceSet, Link
+from edgec.runtimes.memory import measure
 from edgec.runtimes.profiler import median_ms, profile_device
 
 
-def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[dict]:  # type: ignore[type-arg]
+def stage_rows(package: Path, feeds: dict, repeats: int, label: str, work: Path) -> list[dict]:  # type: ignore[type-arg]
+    """Each stage's measured median time and, in a fresh process that opens only that stage,
+    its peak resident memory above the interpreter, beside the manifest's predictions."""
     runtime = load_package(package)
     backend = runtime._backend  # measure each stage alone, on its own session
     tensors = dict(feeds)
@@ -45,6 +51,10 @@ def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[di
             lambda s=stage.name, p=part: backend.run_stage(s, p), repeats, warmup=3
         )
         tensors.update(backend.run_stage(stage.name, part))
+        saved = work / f"{package.name}-{stage.name}.npz"
+        np.savez(saved, **part)
+        memory = measure(package, stage=stage.name, feeds=saved)
+        used = memory.run_peak["stage"] - memory.baseline
         predicted = float(stage.predicted_ms or 0.0)
         rows.append(
             {
@@ -54,6 +64,9 @@ def stage_times(package: Path, feeds: dict, repeats: int, label: str) -> list[di
                 "predicted_ms": round(predicted, 3),
                 "measured_ms": round(measured, 3),
                 "error": round(measured / predicted - 1, 3),
+                "predicted_mb": round((stage.memory_bytes or 0) / 1e6, 1),
+                "measured_mb": round(used / 1e6, 1),
+                "memory_error": round(used / (stage.memory_bytes or 1) - 1, 3),
             }
         )
     return rows
@@ -130,29 +143,44 @@ def markdown(result: dict) -> str:  # type: ignore[type-arg]
     lines = [
         f"Measured on {result['machine']} with `{result['command']}`; 1-minute load average "
         f"{result['load_average_1min'][0]} before and {result['load_average_1min'][1]} after the "
-        "timings (other work on the machine).",
+        "timings (other work on the machine). Memory: peak resident bytes of a fresh process "
+        "that opens only that stage and runs it once at 1×128, above the same process before "
+        "it loaded anything.",
         "",
-        "| what | predicted | measured | |",
-        "| --- | --- | --- | --- |",
+        "| what | predicted | measured | | predicted memory | measured memory | |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["stages"]:
+        nodes = f" (nodes {row['nodes'][0]}..{row['nodes'][1]})" if row["nodes"] else ""
         lines.append(
-            f"| {row['stage']} on {row['device']} (nodes {row['nodes'][0]}..{row['nodes'][1]}) "
-            f"| {row['predicted_ms']} ms | {row['measured_ms']} ms | {row['error']:+.0%} |"
+            f"| {row['stage']} on {row['device']}{nodes} "
+            f"| {row['predicted_ms']} ms | {row['measured_ms']} ms | {row['error']:+.0%} "
+            f"| {row['predicted_mb']} MB | {row['measured_mb']} MB | {row['memory_error']:+.0%} |"
         )
-    t = result["throughput"]
-    lines.append(
-        f"| 64 requests, 2-stage pipeline (2×1 thread) vs one 1-thread device | "
-        f"{t['predicted_speedup']:.2f}× | {t['speedup']:.2f}× | {t['pipeline_s']} s vs {t['single_s']} s |"
-    )
+    lines += [
+        "",
+        "| throughput, 64 requests at 1×128 | predicted | measured | |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, t in result["throughput"].items():
+        lines.append(
+            f"| {label}: 2-stage pipeline (2×1 thread, streamed) vs one 1-thread device | "
+            f"{t['predicted_pipeline_speedup']:.2f}× | {t['pipeline_speedup']:.2f}× | "
+            f"{t['pipeline_s']} s vs {t['single_s']} s |"
+        )
+        lines.append(
+            f"| {label}: heads over 2×1 thread (one request at a time) vs one 1-thread device | "
+            f"{t['predicted_heads_speedup']:.2f}× | {t['heads_speedup']:.2f}× | "
+            f"{t['heads_s']} s vs {t['single_s']} s |"
+        )
     lines.append(
         "| ceiling: two independent 1-thread sessions in two threads vs one (what the cores give now) "
-        f"| 2.00× | {t['two_independent_sessions_speedup']:.2f}× | |"
+        f"| 2.00× | {result['two_independent_sessions_speedup']:.2f}× | |"
     )
     r = result.get("ray")
     if r:
         lines.append(
-            f"| Ray cost per hop (local 2-node cluster) | – | {r['ms_per_hop']} ms | "
+            f"| Ray cost per hop (local 2-node cluster, fp32 pipeline) | – | {r['ms_per_hop']} ms | "
             f"{r['bytes_between_stages']} bytes between stages; {r['ray_ms']} ms vs {r['local_ms']} ms local per request |"
         )
     return "\n".join(lines) + "\n"
@@ -162,6 +190,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/partition.json"))
     parser.add_argument("--source", default="minilm")
+    parser.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="A compressed single-stage package to add rows for (e.g. int8=build/bench/int8.pkg, "
+        "as benchmarks/compression.py leaves them).",
+    )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-ray", action="store_true")
@@ -169,47 +205,69 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="edgec-bench-"))
     print(f"• exporting {args.source}")
-    export(args.source, work / "whole")
+    export(args.source, work / "fp32")
+    packages = {"fp32": work / "fp32"}
+    for item in args.package:
+        label, _, path = item.partition("=")
+        packages[label] = Path(path)
     print("• profiling this machine (1 thread)")  # just before the timings it predicts
     me = profile_device("a", threads=1)
     devices = DeviceSet(
         (me, replace(me, name="b")),
         (Link(("a", "b"), bandwidth_mbps=100_000, latency_ms=0.0),),  # same machine
     )
-    print("• partitioning: pipeline (throughput) and single")
-    piped = partition_package(work / "whole", work / "pipeline", devices, "pipeline", "throughput")
-    single = partition_package(work / "whole", work / "single", DeviceSet((me,)), "single")
-    inputs = piped.manifest.inputs
-    feeds = planning_feeds(inputs, 1, 128)
-    feeds["input_ids"] = (np.arange(128, dtype=np.int64).reshape(1, 128) % 90) + 1000
-    print("• timing stages")
     load_before = os.getloadavg()[0]
-    stages = stage_times(work / "pipeline", feeds, args.repeats, "pipeline")
-    stages += stage_times(work / "single", feeds, args.repeats, "whole model,")
-    print(f"• streaming {args.requests} requests")
-    requests = [feeds] * args.requests
-    single_s = stream_seconds(work / "single", requests, pipelined=False)
-    pipeline_s = stream_seconds(work / "pipeline", requests, pipelined=True)
-    ceiling = parallel_ceiling(work / "single", requests)
-    result = {
-        "command": "python benchmarks/partition.py --out " + str(args.out),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "profile": me.to_json(),
-        "plan": piped.plan.to_json(),
-        "stages": stages,
-        "throughput": {
+    stages: list[dict] = []  # type: ignore[type-arg]
+    throughput: dict[str, dict] = {}  # type: ignore[type-arg]
+    plans = {}
+    for label, source in packages.items():
+        print(f"• {label}: partitioning (pipeline for throughput, heads, single)")
+        piped = partition_package(
+            source, work / f"{label}-pipeline", devices, "pipeline", "throughput"
+        )
+        heads = partition_package(source, work / f"{label}-heads", devices, "heads")
+        single = partition_package(source, work / f"{label}-single", DeviceSet((me,)), "single")
+        plans[label] = piped.plan.to_json()
+        feeds = planning_feeds(piped.manifest.inputs, 1, 128)
+        feeds["input_ids"] = (np.arange(128, dtype=np.int64).reshape(1, 128) % 90) + 1000
+        print(f"• {label}: timing stages and probing their memory")
+        stages += stage_rows(
+            work / f"{label}-pipeline", feeds, args.repeats, f"{label} pipeline", work
+        )
+        stages += stage_rows(
+            work / f"{label}-single", feeds, args.repeats, f"{label} whole model,", work
+        )
+        print(f"• {label}: {args.requests} requests")
+        requests = [feeds] * args.requests
+        single_s = stream_seconds(work / f"{label}-single", requests, pipelined=False)
+        pipeline_s = stream_seconds(work / f"{label}-pipeline", requests, pipelined=True)
+        heads_s = stream_seconds(work / f"{label}-heads", requests, pipelined=False)
+        throughput[label] = {
             "requests": args.requests,
             "single_s": round(single_s, 3),
             "pipeline_s": round(pipeline_s, 3),
-            "speedup": round(single_s / pipeline_s, 3),
-            "predicted_speedup": round(single.plan.period_ms / piped.plan.period_ms, 3),
-            "two_independent_sessions_speedup": round(ceiling, 3),
-        },
+            "heads_s": round(heads_s, 3),
+            "pipeline_speedup": round(single_s / pipeline_s, 3),
+            "heads_speedup": round(single_s / heads_s, 3),
+            "predicted_pipeline_speedup": round(single.plan.period_ms / piped.plan.period_ms, 3),
+            "predicted_heads_speedup": round(single.plan.latency_ms / heads.plan.latency_ms, 3),
+        }
+    ceiling = parallel_ceiling(work / "fp32-single", [feeds] * args.requests)
+    result = {
+        "command": "python benchmarks/partition.py "
+        + " ".join(f"--package {p}" for p in args.package)
+        + f" --out {args.out}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "profile": me.to_json(),
+        "plans": plans,
+        "stages": stages,
+        "throughput": throughput,
+        "two_independent_sessions_speedup": round(ceiling, 3),
     }
     if not args.no_ray:
         print("• Ray: local 2-node cluster")
-        result["ray"] = ray_hops(work / "pipeline", feeds, args.repeats)
+        result["ray"] = ray_hops(work / "fp32-pipeline", feeds, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

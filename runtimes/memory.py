@@ -79,6 +79,30 @@ def _feeds(inputs: Sequence[tuple[str, str]], batch: int, sequence: int) -> dict
     return feeds
 
 
+def _probe_stage(target: Path, stage: str, feeds_file: Path) -> MemoryFigures:
+    """In this (fresh) process: open one stage of the package ``target`` (as the device that
+    runs it would) and run it once on the tensors saved in ``feeds_file`` (``.npz``)."""
+    import numpy as np
+    from edgec.runtimes.backends import open_session
+    from edgec.runtimes.package import read_package
+
+    with np.load(feeds_file, allow_pickle=False) as data:
+        feeds = {k: data[k] for k in data.files}
+    before = read_status()["VmRSS"]
+    reset_peak()
+    package = read_package(target)
+    info = next((s for s in package.manifest.stages if s.name == stage), None)
+    if info is None:
+        raise DeviceError(f"package {str(target)!r} has no stage {stage!r}")
+    session = open_session(package, info)
+    status = read_status()
+    figures = MemoryFigures(f"{target}:{stage}", before, status["VmHWM"], status["VmRSS"])
+    reset_peak()
+    session.run(None, {n: feeds[n] for n in info.inputs})
+    figures.run_peak["stage"] = read_status()["VmHWM"]
+    return figures
+
+
 def _probe(target: Path, shapes: Sequence[tuple[int, int]], threads: int) -> MemoryFigures:
     """In this (fresh) process: load ``target``, run each shape, read the figures."""
     import onnxruntime as ort
@@ -143,12 +167,21 @@ def measure(
     shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     threads: int = 2,
     timeout_s: float = 600.0,
+    *,
+    stage: str | None = None,
+    feeds: str | os.PathLike[str] | None = None,
 ) -> MemoryFigures:
-    """Load and run ``target`` (a package directory or an ``.onnx`` file) in a fresh process."""
+    """Load and run ``target`` (a package directory or an ``.onnx`` file) in a fresh process;
+    with ``stage``, only that stage of the package, on the tensors saved in ``feeds`` (what a
+    device that runs one stage of a split pays; its run peak is ``run_peak["stage"]``)."""
     command = [sys.executable, "-m", "edgec.runtimes.memory", os.fspath(target)]
     command += ["--threads", str(threads)]
     for batch, sequence in shapes:
         command += ["--shape", f"{batch}x{sequence}"]
+    if stage is not None:
+        if feeds is None:
+            raise DeviceError("measuring one stage needs the tensors it reads (feeds)")
+        command += ["--stage", stage, "--feeds", os.fspath(feeds)]
     data = _child(command, timeout_s)
     return MemoryFigures(
         target=str(data["target"]),
@@ -164,9 +197,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("target", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shape", action="append", default=[], help="BATCHxSEQUENCE")
+    parser.add_argument("--stage", help="Probe only this stage of the package.")
+    parser.add_argument("--feeds", type=Path, help="The stage's input tensors (.npz).")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] or list(DEFAULT_SHAPES)
-    figures = _probe(args.target, shapes, args.threads)  # type: ignore[arg-type]
+    if args.stage:
+        figures = _probe_stage(args.target, args.stage, args.feeds)
+    else:
+        figures = _probe(args.target, shapes, args.threads)  # type: ignore[arg-type]
     print(json.dumps(figures.to_json()))
 
 
