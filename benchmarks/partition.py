@@ -139,6 +139,30 @@ def ray_hops(package: Path, feeds: dict, repeats: int) -> dict:  # type: ignore[
     }
 
 
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def split_fidelity(
+    whole: Path, splits: dict[str, Path], reference: Path, sentences: list[str]
+) -> dict[str, dict]:  # type: ignore[type-arg]
+    """Min cosine of each split's sentence embeddings against the whole package's and against
+    the fp32 package's, with the tolerance the split was checked against."""
+    expected = load_package(whole).embed(sentences)
+    fp32 = load_package(reference).embed(sentences)
+    rows = {"whole": {"vs_fp32": round(_min_cosine(expected, fp32), 4)}}
+    for name, path in splits.items():
+        runtime = load_package(path)
+        got = runtime.embed(sentences)
+        rows[name] = {
+            "vs_whole": round(_min_cosine(got, expected), 4),
+            "vs_fp32": round(_min_cosine(got, fp32), 4),
+            "raw_min_cosine": round(runtime.manifest.parity["partition_min_cosine"], 4),
+            "tolerance": runtime.manifest.parity["partition_tolerance"],
+        }
+    return rows
+
+
 def markdown(result: dict) -> str:  # type: ignore[type-arg]
     lines = [
         f"Measured on {result['machine']} with `{result['command']}`; 1-minute load average "
@@ -173,6 +197,22 @@ def markdown(result: dict) -> str:  # type: ignore[type-arg]
             f"{t['predicted_heads_speedup']:.2f}× | {t['heads_speedup']:.2f}× | "
             f"{t['heads_s']} s vs {t['single_s']} s |"
         )
+    lines += [
+        "",
+        f"Fidelity of the splits: min cosine of the sentence embeddings of {result['sentences']} "
+        "Wikipedia sentences (`models/zoo/sentences/wikipedia.txt`), against the unsplit package "
+        "and against fp32; the raw check (min cosine per output row, on token ids) and its "
+        "tolerance from the manifest.",
+        "",
+        "| package | split | vs whole | vs fp32 | raw check | tolerance |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, rows in result["fidelity"].items():
+        for split, row in rows.items():
+            lines.append(
+                f"| {label} | {split} | {row.get('vs_whole', '–')} | {row['vs_fp32']} | "
+                f"{row.get('raw_min_cosine', '–')} | {row.get('tolerance', '–')} |"
+            )
     lines.append(
         "| ceiling: two independent 1-thread sessions in two threads vs one (what the cores give now) "
         f"| 2.00× | {result['two_independent_sessions_speedup']:.2f}× | |"
@@ -199,6 +239,7 @@ def main() -> None:
         "as benchmarks/compression.py leaves them).",
     )
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
@@ -220,6 +261,9 @@ def main() -> None:
     stages: list[dict] = []  # type: ignore[type-arg]
     throughput: dict[str, dict] = {}  # type: ignore[type-arg]
     plans = {}
+    fidelity = {}
+    wikipedia = Path(__file__).parents[1] / "models" / "zoo" / "sentences" / "wikipedia.txt"
+    sentences = wikipedia.read_text(encoding="utf-8").splitlines()[: args.sentences]
     for label, source in packages.items():
         print(f"• {label}: partitioning (pipeline for throughput, heads, single)")
         piped = partition_package(
@@ -236,6 +280,14 @@ def main() -> None:
         )
         stages += stage_rows(
             work / f"{label}-single", feeds, args.repeats, f"{label} whole model,", work
+        )
+        data = partition_package(source, work / f"{label}-data", devices, "data")
+        print(f"• {label}: fidelity of the splits on {len(sentences)} sentences")
+        fidelity[label] = split_fidelity(
+            source,
+            {"pipeline": piped.path, "heads": heads.path, "data": data.path},
+            packages["fp32"],
+            sentences,
         )
         print(f"• {label}: {args.requests} requests")
         requests = [feeds] * args.requests
@@ -263,6 +315,8 @@ def main() -> None:
         "plans": plans,
         "stages": stages,
         "throughput": throughput,
+        "sentences": len(sentences),
+        "fidelity": fidelity,
         "two_independent_sessions_speedup": round(ceiling, 3),
     }
     if not args.no_ray:
