@@ -9,7 +9,9 @@ A profile file is YAML::
 
 with optional measured fields per device (``edgec profile-device`` writes them):
 ``gflops_fp32`` and ``gops_int8`` (matmul throughput, 1e9 operations/s), ``memory_gbps``
-(elementwise traffic, 1e9 bytes/s) and ``op_overhead_us`` (fixed cost per operator, µs), and
+(elementwise traffic, 1e9 bytes/s), ``op_overhead_us`` (fixed cost per operator, µs),
+``stage_overhead_us`` (fixed cost per stage call: the runtime handing a stage its tensors on a
+worker thread and taking its outputs back, µs), and
 ``matmul_fp32_curve`` / ``matmul_int8_curve``: ``[[mflop, gflops], ...]`` pairs, the speed
 measured per matmul size (small matmuls run far below the peak).
 Torch-free: the planner and the device both read it.
@@ -30,7 +32,13 @@ from edgec.errors import DeviceError
 
 MB = 1_000_000  # memory_mb counts decimal megabytes, as package sizes do
 # Used only where a profile states no measurement; the plan reports that it assumed them.
-ASSUMED = {"gflops_fp32": 20.0, "gops_int8": 40.0, "memory_gbps": 5.0, "op_overhead_us": 5.0}
+ASSUMED = {
+    "gflops_fp32": 20.0,
+    "gops_int8": 40.0,
+    "memory_gbps": 5.0,
+    "op_overhead_us": 5.0,
+    "stage_overhead_us": 50.0,
+}
 ASSUMED_LINK = {"bandwidth_mbps": 1000.0, "latency_ms": 0.1}
 CURVES = {"gflops_fp32": "matmul_fp32_curve", "gops_int8": "matmul_int8_curve"}
 _DEVICE_KEYS = {"name", "providers", "threads", "memory_mb", *ASSUMED, *CURVES.values()}
@@ -64,6 +72,7 @@ class DeviceProfile:
     gops_int8: float | None = None
     memory_gbps: float | None = None
     op_overhead_us: float | None = None
+    stage_overhead_us: float | None = None
     matmul_fp32_curve: tuple[tuple[float, float], ...] = ()
     matmul_int8_curve: tuple[tuple[float, float], ...] = ()
 
@@ -146,6 +155,7 @@ class DeviceProfile:
             gops_int8=data.get("gops_int8"),
             memory_gbps=data.get("memory_gbps"),
             op_overhead_us=data.get("op_overhead_us"),
+            stage_overhead_us=data.get("stage_overhead_us"),
             matmul_fp32_curve=_curve(data.get("matmul_fp32_curve")),
             matmul_int8_curve=_curve(data.get("matmul_int8_curve")),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def profile_device(
     chain = _session("overhead", threads, plist)
     small = np.ones(16, np.float32)
     chain_ms = median_ms(lambda: chain.run(None, {"x": small, "y": small}), repeats * 5)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # as the executor hands a stage its work
+        handed_ms = median_ms(
+            lambda: pool.submit(chain.run, None, {"x": small, "y": small}).result(), repeats * 5
+        )
     return DeviceProfile(
         name=name,
         providers=tuple(providers),
@@ -98,6 +103,7 @@ def profile_device(
         gops_int8=curves["int8"][headline][1],
         memory_gbps=round(ELEMENTWISE_TOUCHED * x.nbytes / (mix_ms * 1e-3) / 1e9, 3),
         op_overhead_us=round(chain_ms * 1e3 / CHAIN, 3),
+        stage_overhead_us=round(max(handed_ms - chain_ms, 0.0) * 1e3 + chain_ms * 1e3 / CHAIN, 3),
         matmul_fp32_curve=tuple(curves["fp32"]),
         matmul_int8_curve=tuple(curves["int8"]),
     )

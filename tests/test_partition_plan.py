@@ -84,6 +84,7 @@ def test_profile_device_measures_this_machine(tmp_path):
     for key in ("gflops_fp32", "gops_int8", "memory_gbps"):
         assert 0.01 < getattr(profile, key) < 100_000, key
     assert 0.001 < profile.op_overhead_us < 1e6
+    assert 0.001 < profile.stage_overhead_us < 1e6
     for curve in (profile.matmul_fp32_curve, profile.matmul_int8_curve):
         sizes = [mflop for mflop, _ in curve]
         assert sizes == sorted(sizes) and all(0.01 < g < 100_000 for _, g in curve)
@@ -123,8 +124,12 @@ def test_a_faster_device_gets_more_of_the_pipeline(bert_package):
 def test_data_parallel_shares_follow_speed(bert_package):
     devices = DeviceSet(
         (
-            DeviceProfile("a", gflops_fp32=10.0, memory_gbps=1.0, op_overhead_us=1.0),
-            DeviceProfile("b", gflops_fp32=30.0, memory_gbps=3.0, op_overhead_us=1 / 3),
+            DeviceProfile(
+                "a", gflops_fp32=10.0, memory_gbps=1.0, op_overhead_us=1.0, stage_overhead_us=3.0
+            ),
+            DeviceProfile(
+                "b", gflops_fp32=30.0, memory_gbps=3.0, op_overhead_us=1 / 3, stage_overhead_us=1.0
+            ),
         ),
         FAST_LINK,
     )

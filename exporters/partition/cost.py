@@ -1,7 +1,7 @@
 """The cost model: predicted ms of a node on a device, and of a stage's hops between devices.
 
-``ms = flops / matmul speed + bytes touched / memory speed + per-operator overhead``, with the
-speeds from the device profile (measured by ``edgec profile-device``; assumed otherwise).
+``ms = flops / matmul speed + bytes touched / memory speed + per-operator overhead``, plus a
+fixed cost per stage call, with the speeds from the device profile (measured by ``edgec profile-device``; assumed otherwise).
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ def node_ms(node: NodeCost, device: DeviceProfile) -> float:
     return compute + memory + device.speed("op_overhead_us") / 1e3
 
 
+def stage_overhead_ms(device: DeviceProfile) -> float:
+    """The fixed cost of one stage call on ``device`` (handing it its tensors), in ms."""
+    return device.speed("stage_overhead_us") / 1e3
+
+
 class CostTable:
     """Prefix sums of node times per device, so any segment's time is one subtraction (ms)."""
 
@@ -31,6 +36,7 @@ class CostTable:
                 total += node_ms(node, device)
                 prefix.append(total)
             self._prefix[device.name] = prefix
+        self._overhead = {d.name: stage_overhead_ms(d) for d in devices}
         flops, prefix_flops = 0.0, [0.0]
         for node in graph.nodes:
             flops += node.flops
@@ -38,8 +44,9 @@ class CostTable:
         self._flops = prefix_flops
 
     def segment_ms(self, device: str, start: int, stop: int) -> float:
+        """Nodes ``[start, stop)`` run as one stage on ``device``: their time and the call's."""
         prefix = self._prefix[device]
-        return prefix[stop] - prefix[start]
+        return prefix[stop] - prefix[start] + self._overhead[device]
 
     def segment_flops(self, start: int, stop: int) -> float:
         return self._flops[stop] - self._flops[start]

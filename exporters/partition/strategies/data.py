@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from edgec.exporters.partition.context import Context, capped_shares
+from edgec.exporters.partition.cost import stage_overhead_ms
 from edgec.exporters.partition.plan import Plan
 from edgec.exporters.partition.strategies import Strategy
 from edgec.exporters.partition.write import StageWriter
@@ -49,7 +50,8 @@ def plan(ctx: Context) -> Plan:
                 stage,
                 memory_bytes=ctx.memory_bytes(0, n, part),
                 process_bytes=ctx.process_bytes(0, n, part),
-                predicted_ms=whole[device.name] * part,
+                predicted_ms=(whole[device.name] - stage_overhead_ms(device)) * part
+                + stage_overhead_ms(device),
                 transfer_in_ms=ctx.devices.transfer_ms(coordinator, device.name, io_bytes * part),
                 batch_share=share,
             )

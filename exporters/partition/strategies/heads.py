@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx
 from edgec.exporters.partition.blocks import Block, _Graph, find_blocks, slice_block
 from edgec.exporters.partition.context import Context, capped_shares
-from edgec.exporters.partition.cost import node_ms
+from edgec.exporters.partition.cost import node_ms, stage_overhead_ms
 from edgec.exporters.partition.graph import GraphProfile, model_memory, session_memory
 from edgec.exporters.partition.plan import BlockSlice, Plan, StagePlan
 from edgec.exporters.partition.strategies import Strategy
@@ -153,7 +153,8 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
                 inputs=tuple(inputs),
                 outputs=tuple(outputs),
                 bytes_in=0,
-                predicted_ms=sum(node_ms(graph.nodes[i], coordinator) for i in nodes),
+                predicted_ms=sum(node_ms(graph.nodes[i], coordinator) for i in nodes)
+                + stage_overhead_ms(coordinator),
                 group=len(stages),
             )
         )
@@ -189,7 +190,7 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
                     inputs=tuple(inputs),
                     outputs=(block.output,),
                     bytes_in=bytes_in,
-                    predicted_ms=block_ms * part,
+                    predicted_ms=block_ms * part + stage_overhead_ms(device),
                     transfer_in_ms=ctx.devices.transfer_ms(
                         coordinator.name,
                         device.name,
