@@ -61,7 +61,8 @@ OBJECTIVE = click.Choice(["latency", "throughput"])
 
 
 def device_options(command: Callable[..., None]) -> Callable[..., None]:
-    """--devices, --strategy and --objective, shared by export, plan and partition."""
+    """--devices, --strategy, --objective and --keep-input-on-entry, shared by plan and
+    partition."""
     for option in reversed(
         [
             click.option(
@@ -75,6 +76,13 @@ def device_options(command: Callable[..., None]) -> Callable[..., None]:
                 type=OBJECTIVE,
                 default=None,
                 help="What the plan minimises [default: throughput for pipeline, else latency].",
+            ),
+            click.option(
+                "--keep-input-on-entry",
+                "keep_input",
+                is_flag=True,
+                help="Raw inputs never leave the entry device (the profiles' `entry`, default "
+                "the first device): only stages there read them.",
             ),
         ]
     ):
@@ -170,6 +178,7 @@ def plan_command(
     devices: Path | None,
     strategy: str,
     objective: str | None,
+    keep_input: bool,
     batch: int,
     sequence: int,
     save: Path | None,
@@ -194,6 +203,7 @@ def plan_command(
             sequence=sequence,
             pinned=pinned,
             source=digest,
+            keep_input=keep_input,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -229,6 +239,7 @@ def partition_command(
     devices: Path | None,
     strategy: str,
     objective: str | None,
+    keep_input: bool,
     saved: Path | None,
     as_json: bool,
 ) -> None:
@@ -237,7 +248,9 @@ def partition_command(
     from edgec.exporters.partition.plan import Plan
 
     plan = None if saved is None else Plan.load(saved)
-    result = partition_package(package, output, _load(devices), strategy, objective, plan=plan)
+    result = partition_package(
+        package, output, _load(devices), strategy, objective, plan=plan, keep_input=keep_input
+    )
     tolerance = result.tolerance.describe() if result.tolerance else ""
     if as_json:
         emit_json(

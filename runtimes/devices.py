@@ -6,6 +6,8 @@ A profile file is YAML::
       - {name: board-a, providers: [CPUExecutionProvider], threads: 1, memory_mb: 60}
     links:
       - {between: [board-a, board-b], bandwidth_mbps: 100, latency_ms: 2}
+    entry: board-a      # where requests enter (default: the first device)
+    exit: board-a       # where results go (default: the entry)
 
 with optional measured fields per device (``edgec profile-device`` writes them):
 ``gflops_fp32`` and ``gops_int8`` (matmul throughput, 1e9 operations/s), ``memory_gbps``
@@ -191,10 +193,13 @@ class Link:
 
 @dataclass(frozen=True)
 class DeviceSet:
-    """The devices a plan may use, in the order given, and the links between them."""
+    """The devices a plan may use, in the order given, the links between them, and where
+    requests enter (``entry``: their raw inputs live there) and results go (``exit``)."""
 
     devices: tuple[DeviceProfile, ...]
     links: tuple[Link, ...] = field(default=())
+    entry: str | None = None
+    exit: str | None = None
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -203,10 +208,24 @@ class DeviceSet:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise DeviceError(f"device name(s) {duplicates} appear more than once")
+        for key in ("entry", "exit"):
+            value = getattr(self, key)
+            if value is not None and value not in names:
+                raise DeviceError(f"{key} {value!r} is not a listed device; known: {names}")
         for link in self.links:
             for end in link.between:
                 if end not in names:
                     raise DeviceError(f"link {list(link.between)} names unknown device {end!r}")
+
+    @property
+    def entry_device(self) -> str:
+        """Where requests enter (their raw inputs live): ``entry``, else the first device."""
+        return self.entry or self.devices[0].name
+
+    @property
+    def exit_device(self) -> str:
+        """Where results go: ``exit``, else where requests entered."""
+        return self.exit or self.entry_device
 
     def device(self, name: str) -> DeviceProfile:
         for device in self.devices:
@@ -226,15 +245,23 @@ class DeviceSet:
         return 0.0 if a == b else self.link(a, b).transfer_ms(nbytes)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "devices": [d.to_json() for d in self.devices],
             "links": [link.to_json() for link in self.links],
         }
+        data.update({k: getattr(self, k) for k in ("entry", "exit") if getattr(self, k)})
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> DeviceSet:
         if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
             raise DeviceError("a device profile file must be a mapping with a 'devices' list")
+        unknown = sorted(set(data) - {"devices", "links", "entry", "exit"})
+        if unknown:
+            raise DeviceError(
+                f"unknown key(s) {unknown} in the device profiles; known: devices, links, "
+                "entry (where requests enter), exit (where results go)"
+            )
         links = []
         for entry in data.get("links") or []:
             if not isinstance(entry, dict) or set(entry) - _LINK_KEYS or "between" not in entry:
@@ -249,7 +276,13 @@ class DeviceSet:
                     latency_ms=entry.get("latency_ms", ASSUMED_LINK["latency_ms"]),
                 )
             )
-        return cls(tuple(DeviceProfile.from_json(d) for d in data["devices"]), tuple(links))
+        ends = {}
+        for key in ("entry", "exit"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise DeviceError(f"{key} must name a device, got {value!r}")
+            ends[key] = value
+        return cls(tuple(DeviceProfile.from_json(d) for d in data["devices"]), tuple(links), **ends)
 
 
 def load_devices(path: str | Path) -> DeviceSet:

@@ -67,20 +67,44 @@ def plan_model(
     sequence: int = PLANNING_SEQUENCE,
     pinned: frozenset[str] = frozenset(),
     source: str = "",
+    keep_input: bool = False,
 ) -> tuple[Plan, GraphProfile]:
     """Analyse ``model`` at (``batch``, ``sequence``) and plan it over ``devices``; ``pinned``
     names the weights the runtime decodes and supplies itself (a stage's coded weights),
     ``source`` the sha256 of the stage file planned (recorded in the plan).
 
-    ``objective`` defaults to throughput for ``pipeline`` (a pipeline exists to overlap
-    requests) and to latency otherwise.
+    Requests enter at the devices' entry and results go to their exit; with ``keep_input`` no
+    stage off the entry reads a raw input, and the plan's reason says what that costs against
+    the best plan without the constraint. ``objective`` defaults to throughput for
+    ``pipeline`` (a pipeline exists to overlap requests) and to latency otherwise.
     """
     chosen = get_strategy(strategy)
     objective = objective or ("throughput" if strategy == "pipeline" else "latency")
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     graph = analyse(proto, planning_feeds(inputs, batch, sequence), pinned)
-    plan = chosen.plan(Context(graph, devices, objective))
-    return replace(plan, source=source), graph
+    context = Context(graph, devices, objective, keep_input)
+    if keep_input and not any(
+        context.fits(devices.device(context.entry), 0, stop) for stop in (1,)
+    ):
+        raise DeviceError(
+            f"the entry device {context.entry!r} cannot hold even the first operator of the "
+            "model, so the raw input cannot stay on it"
+        )
+    plan = chosen.plan(context)
+    ends = {"entry": context.entry, "exit": context.exit, "keep_input": keep_input}
+    if keep_input:
+        try:
+            free = chosen.plan(Context(graph, devices, objective))
+            cost = plan.score - free.score
+            plan = replace(
+                plan,
+                reason=f"{plan.reason}; keeping the raw input on {context.entry} costs "
+                f"{cost:+.3f} ms ({plan.score:.3f} against {free.score:.3f} ms, "
+                f"{free.strategy} over {free.devices} without the constraint)",
+            )
+        except DeviceError:
+            pass
+    return replace(plan, source=source, **ends), graph
 
 
 def predict_memory(
@@ -299,6 +323,7 @@ def partition_staged(
     batch: int = PLANNING_BATCH,
     sequence: int = PLANNING_SEQUENCE,
     plan: Plan | None = None,
+    keep_input: bool = False,
     on_step: Callable[[str], None] | None = None,
 ) -> PartitionResult:
     """Partition the single-stage package being built in ``root`` (manifest written) in place,
@@ -334,6 +359,7 @@ def partition_staged(
             sequence=sequence,
             pinned=pinned,
             source=stage.sha256,
+            keep_input=keep_input,
         )
     else:
         _saved_plan_fits(plan, stage, devices)
@@ -380,6 +406,7 @@ def partition_package(
     batch: int = PLANNING_BATCH,
     sequence: int = PLANNING_SEQUENCE,
     plan: Plan | None = None,
+    keep_input: bool = False,
 ) -> PartitionResult:
     """Partition a single-stage package (e.g. an exported or compressed one) into ``output``,
     by a new plan or by a saved ``plan``.
@@ -395,7 +422,14 @@ def partition_package(
             shutil.copyfile(package.path(relative), target)
         write_manifest(root, package.manifest)
         result = partition_staged(
-            root, devices, strategy, objective, batch=batch, sequence=sequence, plan=plan
+            root,
+            devices,
+            strategy,
+            objective,
+            batch=batch,
+            sequence=sequence,
+            plan=plan,
+            keep_input=keep_input,
         )
     return replace(result, path=Path(output))
 

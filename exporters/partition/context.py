@@ -26,6 +26,7 @@ class Context:
     graph: GraphProfile
     devices: DeviceSet
     objective: Objective = "latency"
+    keep_input: bool = False  # raw inputs never leave the entry device
     costs: CostTable = field(init=False)
     live_bytes: list[int] = field(init=False)
     crossing: list[list[str]] = field(init=False)
@@ -46,6 +47,41 @@ class Context:
         self.hop_bytes = [
             sum(sizes[t] for t in names if t not in inputs) for names in self.crossing
         ]
+        self._input_uses = {
+            name: sorted(self.graph.consumers.get(name, ())) for name in self.graph.inputs
+        }
+        self.output_bytes = sum(sizes.get(t, 0) for t in self.graph.outputs)
+
+    @property
+    def entry(self) -> str:
+        return self.devices.entry_device
+
+    @property
+    def exit(self) -> str:
+        return self.devices.exit_device
+
+    def inputs_in(self, start: int, stop: int) -> list[str]:
+        """The model inputs (raw request values) that nodes ``[start, stop)`` read."""
+        return [
+            name for name, uses in self._input_uses.items() if any(start <= u < stop for u in uses)
+        ]
+
+    def entry_ms(self, device: str, start: int, stop: int, share: float = 1.0) -> float:
+        """Moving the raw inputs nodes ``[start, stop)`` read from the entry to ``device``."""
+        needed = self.inputs_in(start, stop)
+        if not needed:
+            return 0.0
+        nbytes = sum(self.graph.tensor_bytes[t] for t in needed) * share
+        return self.devices.transfer_ms(self.entry, device, nbytes)
+
+    def return_ms(self, device: str, share: float = 1.0) -> float:
+        """Moving the results from ``device`` to where they go."""
+        return self.devices.transfer_ms(device, self.exit, self.output_bytes * share)
+
+    def private(self, device: str, start: int, stop: int) -> bool:
+        """Whether nodes ``[start, stop)`` may run on ``device`` under ``keep_input``: only
+        the entry reads raw inputs."""
+        return not self.keep_input or device == self.entry or not self.inputs_in(start, stop)
 
     @property
     def size(self) -> int:
@@ -127,6 +163,7 @@ class Context:
         made = {o for node in nodes[start:stop] for o in node.output}
         outputs = tuple(sorted(made & later))
         bytes_in = sum(self.graph.tensor_bytes[t] for t in inputs if t not in self.graph.inputs)
+        hop = self.devices.transfer_ms(prev, device, bytes_in) if prev else 0.0
         return StagePlan(
             name=f"stage{index}",
             device=device,
@@ -140,7 +177,7 @@ class Context:
             outputs=outputs,
             bytes_in=bytes_in,
             predicted_ms=self.costs.segment_ms(device, start, stop),
-            transfer_in_ms=self.devices.transfer_ms(prev, device, bytes_in) if prev else 0.0,
+            transfer_in_ms=hop + self.entry_ms(device, start, stop),
         )
 
     def too_big(self, devices: Sequence[DeviceProfile], what: str) -> DeviceError:

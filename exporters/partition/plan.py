@@ -102,6 +102,9 @@ class Plan:
 
     ``latency_ms`` is one request end to end; ``period_ms`` the time between results when
     requests stream (the slowest stage, hop included). ``reason`` says why this plan won;
+    Requests enter at ``entry`` (their inputs' transfer to the stages that read them is in the
+    stages' ``transfer_in_ms``) and results go to ``exit`` (``return_ms``, in ``latency_ms``);
+    with ``keep_input`` no raw input leaves the entry.
     ``alternatives`` lists the candidates it beat with their predicted cost; ``bound`` says
     which constraint shaped the split (speed, or a device's memory). ``source`` is the sha256 of
     the ONNX model planned (empty for a model planned from its source), so that a saved plan is
@@ -120,6 +123,10 @@ class Plan:
     aggregation: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     bound: str = "speed"
     source: str = ""
+    entry: str = ""
+    exit: str = ""
+    return_ms: float = 0.0
+    keep_input: bool = False
 
     @property
     def score(self) -> float:
@@ -211,16 +218,20 @@ class Plan:
         ]
         if cuts:
             out.append(format_table(["cut", "tensors", "bytes", "ms", "names"], cuts))
+        where = f"entry {self.entry}, exit {self.exit}" if self.entry else ""
+        if where and self.keep_input:
+            where += ", raw input kept on the entry"
         notes = [
+            f"requests: {where}; results back in {self.return_ms:.3f} ms" if where else "",
             f"predicted: {self.latency_ms:.3f} ms per request end to end, "
-            f"{self.period_ms:.3f} ms between results when streaming (objective: {self.objective})"
+            f"{self.period_ms:.3f} ms between results when streaming (objective: {self.objective})",
         ]
         if self.reason:
             notes.append(f"why: {self.reason}")
         notes.append(f"bound by: {self.bound}")
         if self.assumptions:
             notes.append("assumed: " + "; ".join(self.assumptions))
-        return "\n\n".join(out) + "\n\n" + "\n".join(notes)
+        return "\n\n".join(out) + "\n\n" + "\n".join(n for n in notes if n)
 
     def diff(self, other: Plan) -> list[str]:
         """Lines saying how ``other`` differs from this plan (empty when they agree)."""

@@ -12,6 +12,7 @@ from edgec.exporters.partition.strategies import Strategy
 from edgec.exporters.partition.write import StageWriter
 from edgec.runtimes.manifest import StageInfo
 
+from edgec.errors import DeviceError
 from edgec.table import human_bytes
 
 
@@ -21,6 +22,11 @@ def plan(ctx: Context) -> Plan:
     from edgec.runtimes.executor import batch_slices
 
     n = ctx.size
+    if ctx.keep_input:
+        raise DeviceError(
+            "a data-parallel split sends raw input rows to every device; with the input kept "
+            f"on {ctx.entry!r}, split by pipeline or heads instead"
+        )
     whole = {d.name: ctx.costs.segment_ms(d.name, 0, n) for d in ctx.devices.devices}
     batch = max((v[0] for v in ctx.graph.feeds_shape.values() if v), default=1)
     usable = [d for d in ctx.devices.devices if ctx.fits(d, 0, n, 1.0 / batch)]
@@ -37,9 +43,8 @@ def plan(ctx: Context) -> Plan:
     except ValueError:
         raise ctx.too_big(usable, "data-parallel") from None
     rows = [hi - lo for lo, hi in batch_slices(shares, batch)]
-    io_bytes = sum(ctx.graph.tensor_bytes[t] for t in (*ctx.graph.inputs, *ctx.graph.outputs))
-    coordinator = usable[0].name
     stages = []
+    back = 0.0
     for index, (device, share, count) in enumerate(zip(usable, shares, rows, strict=True)):
         part = count / batch
         if not ctx.fits(device, 0, n, part):
@@ -52,11 +57,14 @@ def plan(ctx: Context) -> Plan:
                 process_bytes=ctx.process_bytes(0, n, part),
                 predicted_ms=(whole[device.name] - stage_overhead_ms(device)) * part
                 + stage_overhead_ms(device),
-                transfer_in_ms=ctx.devices.transfer_ms(coordinator, device.name, io_bytes * part),
+                transfer_in_ms=ctx.entry_ms(device.name, 0, n, part),
                 batch_share=share,
             )
         )
-    slowest = max(s.predicted_ms + s.transfer_in_ms for s in stages)
+        back = max(back, ctx.return_ms(device.name, part))
+    slowest = max(
+        s.predicted_ms + s.transfer_in_ms + ctx.return_ms(s.device, s.batch_share) for s in stages
+    )
     left_out = [d.name for d in ctx.devices.devices if d not in usable]
     reason = f"batch split in proportion to each device's predicted speed ({batch} row(s) planned)"
     if left_out:
@@ -79,6 +87,7 @@ def plan(ctx: Context) -> Plan:
         assumptions=ctx.assumptions([d.name for d in usable]),
         aggregation={"kind": "concat", "axis": 0},
         bound=bound,
+        return_ms=back,
     )
 
 

@@ -137,6 +137,13 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
     stages: list[StagePlan] = []
     held = {d.name: [f, p] for d, f, p in zip(devices, fixed, fixed_pinned, strict=True)}
 
+    def from_entry(device: str, inputs: list[str], share: float = 1.0) -> float:
+        raw = [t for t in inputs if t in graph.inputs]
+        if not raw:
+            return 0.0
+        nbytes = sum(graph.tensor_bytes[t] for t in raw) * share
+        return ctx.devices.transfer_ms(ctx.entry, device, nbytes)
+
     def shared_stage(index: int, nodes: set[int]) -> None:
         inputs, outputs = _io(graph, nodes)
         weights = shared[index]
@@ -155,6 +162,7 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
                 bytes_in=0,
                 predicted_ms=sum(node_ms(graph.nodes[i], coordinator) for i in nodes)
                 + stage_overhead_ms(coordinator),
+                transfer_in_ms=from_entry(coordinator.name, inputs),
                 group=len(stages),
             )
         )
@@ -164,6 +172,12 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
             shared_stage(k, parts[k])
         group = len(stages)
         inputs, _ = _io(graph, block.nodes)
+        raw = [t for t in inputs if t in graph.inputs]
+        if ctx.keep_input and raw:
+            raise DeviceError(
+                f"{block.kind} block {k} reads the raw input {raw}: with the input kept on "
+                f"{ctx.entry!r}, no slice of it may run elsewhere"
+            )
         bytes_in = sum(graph.tensor_bytes.get(t, 0) for t in inputs)
         counts = _unit_counts(shares, capped, block.units)
         start = 0
@@ -195,7 +209,8 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
                         coordinator.name,
                         device.name,
                         bytes_in + graph.tensor_bytes.get(block.output, 0),
-                    ),
+                    )
+                    + from_entry(device.name, inputs),
                     batch_share=share,
                     group=group,
                     slice=BlockSlice(
@@ -222,7 +237,9 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
     groups: dict[int, list[StagePlan]] = {}
     for stage in stages:
         groups.setdefault(stage.group, []).append(stage)
+    back = ctx.return_ms(coordinator.name)
     latency = sum(max(s.predicted_ms + s.transfer_in_ms for s in g) for g in groups.values())
+    latency += back
     used = [d.name for d, s in zip(devices, shares, strict=True) if s > 0 or d is coordinator]
     bound = "speed"
     if capped:
@@ -246,6 +263,7 @@ def _plan_with(ctx: Context, coordinator: DeviceProfile, blocks: list[Block]) ->
         assumptions=ctx.assumptions(used),
         aggregation={"kind": "sum"},
         bound=bound,
+        return_ms=back,
     )
 
 
@@ -257,7 +275,10 @@ def plan(ctx: Context) -> Plan:
         raise DeviceError("strategy heads needs at least two devices; the profile lists one")
     blocks = find_blocks(ctx.graph)
     plans, failures = [], []
-    for coordinator in devices:
+    coordinators = devices
+    if ctx.keep_input:  # the shared part reads the raw input: it stays on the entry
+        coordinators = [ctx.devices.device(ctx.entry)]
+    for coordinator in coordinators:
         try:
             plans.append(_plan_with(ctx, coordinator, blocks))
         except DeviceError as exc:

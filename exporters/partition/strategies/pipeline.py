@@ -40,9 +40,13 @@ def _cuts_for(ctx: Context, order: tuple[DeviceProfile, ...]) -> tuple[float, li
             for start in range(j - 1, stop):
                 if best[j - 1][start] == inf or not ctx.fits(device, start, stop):
                     continue
-                hop = 0.0
+                if not ctx.private(device.name, start, stop):
+                    continue
+                hop = ctx.entry_ms(device.name, start, stop)
                 if prev is not None:
-                    hop = ctx.devices.transfer_ms(prev, device.name, ctx.hop_bytes[start])
+                    hop += ctx.devices.transfer_ms(prev, device.name, ctx.hop_bytes[start])
+                if j == k:
+                    hop += ctx.return_ms(device.name)
                 cost = _combine(
                     ctx.objective,
                     best[j - 1][start],
@@ -82,6 +86,7 @@ def plan(ctx: Context) -> Plan:
     hops = ", ".join(
         f"{s.name}: {len(s.inputs)} tensors, {human_bytes(s.bytes_in)}" for s in stages[1:]
     )
+    back = ctx.return_ms(order[-1].name)
     unbounded = [d for d in order if d.memory_bytes is None]
     bound = "speed"
     if len(unbounded) < len(order):
@@ -92,12 +97,15 @@ def plan(ctx: Context) -> Plan:
         strategy="pipeline",
         objective=ctx.objective,
         stages=tuple(stages),
-        latency_ms=sum(s.predicted_ms + s.transfer_in_ms for s in stages),
-        period_ms=max(s.predicted_ms + s.transfer_in_ms for s in stages),
+        latency_ms=sum(s.predicted_ms + s.transfer_in_ms for s in stages) + back,
+        period_ms=max(
+            s.predicted_ms + s.transfer_in_ms + (back if s is stages[-1] else 0.0) for s in stages
+        ),
         planning_shape=ctx.shape(),
         reason=f"cuts minimise the {ctx.objective} over device orders ({hops})",
         assumptions=ctx.assumptions([d.name for d in order]),
         bound=bound,
+        return_ms=back,
     )
 
 

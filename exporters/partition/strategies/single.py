@@ -10,20 +10,32 @@ from edgec.runtimes.manifest import StageInfo
 
 
 def plan(ctx: Context) -> Plan:
-    options = [d for d in ctx.devices.devices if ctx.fits(d, 0, ctx.size)]
+    n = ctx.size
+    allowed = [d for d in ctx.devices.devices if ctx.private(d.name, 0, n)]
+    options = [d for d in allowed if ctx.fits(d, 0, n)]
     if not options:
-        raise ctx.too_big(list(ctx.devices.devices), "single-device")
-    best = min(options, key=lambda d: ctx.costs.segment_ms(d.name, 0, ctx.size))
-    stage = ctx.segment(0, best.name, 0, ctx.size, None)
+        raise ctx.too_big(allowed, "single-device")
+
+    def cost(device: str) -> float:
+        return (
+            ctx.entry_ms(device, 0, n) + ctx.costs.segment_ms(device, 0, n) + ctx.return_ms(device)
+        )
+
+    best = min(options, key=lambda d: cost(d.name))
+    stage = ctx.segment(0, best.name, 0, n, None)
+    back = ctx.return_ms(best.name)
+    total = stage.predicted_ms + stage.transfer_in_ms + back
     return Plan(
         strategy="single",
         objective=ctx.objective,
         stages=(stage,),
-        latency_ms=stage.predicted_ms,
-        period_ms=stage.predicted_ms,
+        latency_ms=total,
+        period_ms=total,
         planning_shape=ctx.shape(),
-        reason=f"{best.name} is the fastest device that holds the whole model",
+        reason=f"{best.name} is the device that runs the whole model soonest, inputs and "
+        "results moved included",
         assumptions=ctx.assumptions([best.name]),
+        return_ms=back,
     )
 
 

@@ -1,0 +1,91 @@
+"""Plans start where the request starts: inputs move from the entry device, results go back to
+the exit, and with the input kept on the entry no other device reads a raw input."""
+
+from __future__ import annotations
+
+import pytest
+from edgec.exporters.partition import plan_model
+from edgec.runtimes import read_package
+from edgec.runtimes.devices import DeviceProfile, DeviceSet, Link
+
+from edgec.errors import DeviceError
+
+PHONE = DeviceProfile(
+    "phone",
+    threads=1,
+    gflops_fp32=2.0,
+    gops_int8=4.0,
+    memory_gbps=1.0,
+    op_overhead_us=20.0,
+    stage_overhead_us=100.0,
+)
+SERVER = DeviceProfile(
+    "server",
+    threads=8,
+    gflops_fp32=400.0,
+    gops_int8=800.0,
+    memory_gbps=40.0,
+    op_overhead_us=2.0,
+    stage_overhead_us=20.0,
+)
+SLOW_LINK = (Link(("phone", "server"), bandwidth_mbps=5.0, latency_ms=40.0),)
+
+
+def _plan(package, devices, strategy="auto", keep_input=False):  # type: ignore[no-untyped-def]
+    pkg = read_package(package)
+    return plan_model(
+        pkg.path("model.onnx"), pkg.manifest.inputs, devices, strategy, keep_input=keep_input
+    )[0]
+
+
+def test_the_plan_counts_moving_the_request_in_and_the_result_back(bert_package):
+    devices = DeviceSet((PHONE, SERVER), SLOW_LINK, entry="phone")
+    plan = _plan(bert_package, devices)
+    assert (plan.entry, plan.exit) == ("phone", "phone")
+    if plan.stages[0].device == "server":  # the request had to travel there
+        assert plan.stages[0].transfer_in_ms >= 40.0
+    if plan.stages[-1].device == "server":  # and the result back
+        assert plan.return_ms >= 40.0
+    single_server = _plan(
+        bert_package, DeviceSet((SERVER, PHONE), SLOW_LINK, entry="phone"), "single"
+    )
+    # the whole model on the fast server still pays two trips over the 40 ms link
+    if single_server.devices == ["server"]:
+        assert single_server.latency_ms >= 80.0
+
+
+def test_keeping_the_input_on_the_entry_puts_the_first_stage_there(bert_package):
+    devices = DeviceSet((SERVER, PHONE), SLOW_LINK, entry="phone")
+    inputs = set(read_package(bert_package).manifest.stages[0].inputs)
+    for strategy in ("auto", "pipeline", "single", "heads"):
+        plan = _plan(bert_package, devices, strategy, keep_input=True)
+        assert plan.keep_input and plan.stages[0].device == "phone", strategy
+        for stage in plan.stages:
+            if stage.device != "phone":
+                assert not inputs & set(stage.inputs), (strategy, stage.name)
+    auto = _plan(bert_package, devices, "auto", keep_input=True)
+    assert "keeping the raw input on phone costs" in auto.reason
+
+
+def test_data_parallel_would_send_raw_rows_and_is_refused(bert_package):
+    devices = DeviceSet((PHONE, SERVER), SLOW_LINK, entry="phone")
+    with pytest.raises(DeviceError, match="sends raw input rows to every device"):
+        _plan(bert_package, devices, "data", keep_input=True)
+
+
+def test_an_entry_that_holds_nothing_cannot_keep_the_input(bert_package):
+    tiny = DeviceProfile("phone", memory_mb=0.0001)
+    devices = DeviceSet((tiny, SERVER), SLOW_LINK, entry="phone")
+    with pytest.raises(DeviceError, match="entry device 'phone' cannot hold"):
+        _plan(bert_package, devices, "auto", keep_input=True)
+
+
+def test_entry_and_exit_must_be_listed_devices():
+    with pytest.raises(DeviceError, match="entry 'watch' is not a listed device"):
+        DeviceSet((PHONE, SERVER), SLOW_LINK, entry="watch")
+    data = DeviceSet((PHONE, SERVER), SLOW_LINK, entry="server", exit="phone").to_json()
+    again = DeviceSet.from_json(data)
+    assert (again.entry_device, again.exit_device) == ("server", "phone")
+    assert DeviceSet((PHONE, SERVER)).entry_device == "phone"  # default: the first device
+    with pytest.raises(DeviceError, match=r"unknown key\(s\) \['entrance'\]"):
+        DeviceSet.from_json({"devices": [{"name": "a"}], "entrance": "a"})
