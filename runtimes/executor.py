@@ -17,6 +17,7 @@ import numpy as np
 from edgec.runtimes.aggregation import aggregate
 from edgec.runtimes.backends import Backend, Feeds
 from edgec.runtimes.manifest import Manifest, StageInfo
+from edgec.runtimes.network import LinkEmulator, Network
 
 from edgec.errors import PackageError
 
@@ -33,9 +34,13 @@ def _run_stage(backend: Backend, stage: StageInfo, tensors: dict[str, np.ndarray
 def run_chain(executor: Executor, feeds: Feeds) -> Feeds:
     """Every stage in manifest (topological) order; each reads inputs or earlier outputs."""
     tensors: dict[str, np.ndarray] = dict(feeds)
+    where: dict[str, str] = {}
     for stage in executor.manifest.stages:
-        tensors.update(_run_stage(executor.backend, stage, tensors))
-    return {out.name: tensors[out.name] for out in executor.manifest.outputs}
+        executor.arrive(tensors, stage.inputs, stage.device, where)
+        made = _run_stage(executor.backend, stage, tensors)
+        tensors.update(made)
+        where.update(dict.fromkeys(made, stage.device))
+    return executor.deliver(tensors, where)
 
 
 def batch_slices(shares: list[float], batch: int) -> list[tuple[int, int]]:
@@ -62,10 +67,17 @@ def run_data_parallel(executor: Executor, feeds: Feeds) -> Feeds:
     batch = int(feeds[batched[0]].shape[0])
     shares = [1.0 if s.batch_share is None else s.batch_share for s in manifest.stages]
     jobs = []
+
+    def run_part(stage: StageInfo, part: Feeds) -> Feeds:
+        executor.arrive(part, stage.inputs, stage.device, {})
+        made = _run_stage(executor.backend, stage, part)
+        executor.arrive(made, made, executor.exit, dict.fromkeys(made, stage.device))
+        return made
+
     for stage, (lo, hi) in zip(manifest.stages, batch_slices(shares, batch), strict=True):
         if hi > lo:
             part = {n: (v[lo:hi] if n in batched else v) for n, v in feeds.items()}
-            jobs.append(executor.pool.submit(_run_stage, executor.backend, stage, part))
+            jobs.append(executor.pool.submit(run_part, stage, part))
     results = [job.result() for job in jobs]
     kind = manifest.aggregation.get("kind", "concat")
     options = {k: v for k, v in manifest.aggregation.items() if k != "kind"}
@@ -84,15 +96,28 @@ def run_groups(executor: Executor, feeds: Feeds) -> Feeds:
         groups.setdefault(stage.group or 0, []).append(stage)
     kind = manifest.aggregation.get("kind", "sum")
     tensors: dict[str, np.ndarray] = dict(feeds)
+    where: dict[str, str] = {}
+    coordinator = executor.entry  # where the partial results are summed: the shared parts' device
+
+    def run_slice(stage: StageInfo) -> Feeds:
+        executor.arrive(tensors, stage.inputs, stage.device, where)
+        made = _run_stage(executor.backend, stage, tensors)
+        executor.arrive(made, made, coordinator, dict.fromkeys(made, stage.device))
+        return made
+
     for _, stages in sorted(groups.items()):
         if len(stages) == 1:
-            tensors.update(_run_stage(executor.backend, stages[0], tensors))
+            executor.arrive(tensors, stages[0].inputs, stages[0].device, where)
+            made = _run_stage(executor.backend, stages[0], tensors)
+            tensors.update(made)
+            coordinator = stages[0].device
+            where.update(dict.fromkeys(made, coordinator))
             continue
-        jobs = [executor.pool.submit(_run_stage, executor.backend, s, tensors) for s in stages]
-        parts = [job.result() for job in jobs]
+        parts = [job.result() for job in [executor.pool.submit(run_slice, s) for s in stages]]
         for name in parts[0]:
             tensors[name] = aggregate(kind, [p[name] for p in parts])
-    return {out.name: tensors[out.name] for out in manifest.outputs}
+            where[name] = coordinator
+    return executor.deliver(tensors, where)
 
 
 Run = Callable[["Executor", Feeds], Feeds]
@@ -105,9 +130,14 @@ EXECUTORS: dict[str, Run] = {
 
 
 class Executor:
-    """A manifest's stage graph over a backend. Thread-safe: requests may overlap."""
+    """A manifest's stage graph over a backend. Thread-safe: requests may overlap.
 
-    def __init__(self, manifest: Manifest, backend: Backend):
+    With ``network``, every crossing between stages on different devices (and the request's
+    trip from the entry and back to the exit) waits what the network's links would take
+    (``LinkEmulator``), so that a split's end-to-end time can be measured on one machine.
+    """
+
+    def __init__(self, manifest: Manifest, backend: Backend, network: Network | None = None):
         if manifest.execution not in EXECUTORS:
             raise PackageError(
                 f"package execution {manifest.execution!r} (strategy {manifest.strategy!r}) "
@@ -117,6 +147,26 @@ class Executor:
         self.backend = backend
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(manifest.stages)))
         self._run = EXECUTORS[manifest.execution]
+        self.emulator = None if network is None else LinkEmulator(network)
+
+    @property
+    def entry(self) -> str:
+        return self.emulator.network.entry if self.emulator else ""
+
+    @property
+    def exit(self) -> str:
+        return self.emulator.network.exit if self.emulator else ""
+
+    def arrive(self, tensors: Feeds, names: Any, device: str, where: dict[str, str]) -> None:
+        """Wait, when emulating links, for ``names`` to reach ``device`` (see ``where``)."""
+        if self.emulator is not None:
+            self.emulator.arrive(tensors, names, device, where)
+
+    def deliver(self, tensors: Feeds, where: dict[str, str]) -> Feeds:
+        """The model's outputs, after (when emulating) their trip to the exit."""
+        names = [out.name for out in self.manifest.outputs]
+        self.arrive(tensors, names, self.exit, where)
+        return {name: tensors[name] for name in names}
 
     def run(self, feeds: Feeds) -> Feeds:
         return self._run(self, feeds)
@@ -135,13 +185,18 @@ class Executor:
         def work(index: int) -> None:
             stage = stages[index]
             while (item := queues[index].get()) is not _STOP:
-                number, tensors, error = item
+                number, tensors, where, error = item
                 if error is None:
                     try:
-                        tensors.update(_run_stage(self.backend, stage, tensors))
+                        self.arrive(tensors, stage.inputs, stage.device, where)
+                        made = _run_stage(self.backend, stage, tensors)
+                        tensors.update(made)
+                        where.update(dict.fromkeys(made, stage.device))
+                        if index == len(stages) - 1:
+                            self.deliver(tensors, where)
                     except BaseException as exc:  # handed to the caller with its request
                         error = exc
-                queues[index + 1].put((number, tensors, error))
+                queues[index + 1].put((number, tensors, where, error))
             queues[index + 1].put(_STOP)
 
         threads = [
@@ -150,11 +205,11 @@ class Executor:
         for thread in threads:
             thread.start()
         for number, feeds in enumerate(items):
-            queues[0].put((number, dict(feeds), None))
+            queues[0].put((number, dict(feeds), {}, None))
         queues[0].put(_STOP)
         done: dict[int, tuple[dict[str, np.ndarray], BaseException | None]] = {}
         while (item := queues[-1].get()) is not _STOP:
-            done[item[0]] = (item[1], item[2])
+            done[item[0]] = (item[1], item[3])
         for thread in threads:
             thread.join()
         for number in range(len(items)):
