@@ -61,8 +61,8 @@ OBJECTIVE = click.Choice(["latency", "throughput"])
 
 
 def device_options(command: Callable[..., None]) -> Callable[..., None]:
-    """--devices, --strategy, --objective and --keep-input-on-entry, shared by plan and
-    partition."""
+    """--devices, --strategy, --objective, --keep-input-on-entry and --int8-links, shared by
+    plan and partition."""
     for option in reversed(
         [
             click.option(
@@ -83,6 +83,15 @@ def device_options(command: Callable[..., None]) -> Callable[..., None]:
                 is_flag=True,
                 help="Raw inputs never leave the entry device (the profiles' `entry`, default "
                 "the first device): only stages there read them.",
+            ),
+            click.option(
+                "--int8-links",
+                type=click.Choice(["off", "auto", "on"]),
+                default="off",
+                show_default=True,
+                help="Carry token states across links as int8 with per-token scales (a "
+                "quarter of the bytes; checked to min cosine 0.999): auto where a link is "
+                "the bottleneck.",
             ),
         ]
     ):
@@ -179,6 +188,7 @@ def plan_command(
     strategy: str,
     objective: str | None,
     keep_input: bool,
+    int8_links: str,
     batch: int,
     sequence: int,
     save: Path | None,
@@ -204,6 +214,7 @@ def plan_command(
             pinned=pinned,
             source=digest,
             keep_input=keep_input,
+            int8_links=int8_links,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -240,6 +251,7 @@ def partition_command(
     strategy: str,
     objective: str | None,
     keep_input: bool,
+    int8_links: str,
     saved: Path | None,
     as_json: bool,
 ) -> None:
@@ -249,7 +261,14 @@ def partition_command(
 
     plan = None if saved is None else Plan.load(saved)
     result = partition_package(
-        package, output, _load(devices), strategy, objective, plan=plan, keep_input=keep_input
+        package,
+        output,
+        _load(devices),
+        strategy,
+        objective,
+        plan=plan,
+        keep_input=keep_input,
+        int8_links=int8_links,
     )
     tolerance = result.tolerance.describe() if result.tolerance else ""
     if as_json:

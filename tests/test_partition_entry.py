@@ -3,6 +3,7 @@ the exit, and with the input kept on the entry no other device reads a raw input
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from edgec.exporters.partition import plan_model
 from edgec.runtimes import read_package
@@ -89,3 +90,32 @@ def test_entry_and_exit_must_be_listed_devices():
     assert DeviceSet((PHONE, SERVER)).entry_device == "phone"  # default: the first device
     with pytest.raises(DeviceError, match=r"unknown key\(s\) \['entrance'\]"):
         DeviceSet.from_json({"devices": [{"name": "a"}], "entrance": "a"})
+
+
+def test_int8_links_carry_a_quarter_of_the_bytes_and_stay_faithful(bert_package, tmp_path):
+    from edgec.exporters.partition import partition_package
+    from edgec.runtimes import load_package
+
+    devices = DeviceSet((PHONE, SERVER), SLOW_LINK, entry="phone")
+    results = {
+        mode: partition_package(
+            bert_package, tmp_path / mode, devices, "pipeline", keep_input=True, int8_links=mode
+        )
+        for mode in ("off", "on")
+    }
+    floats, ints = results["off"], results["on"]
+    assert not floats.plan.int8_links and ints.plan.int8_links
+    assert ints.tolerance is not None and ints.tolerance.min_cosine == 0.999
+    crossing = [e["bytes"] for e in floats.manifest.edges if e["from"] != "input"]
+    carried = [e["bytes"] for e in ints.manifest.edges if e["from"] != "input"]
+    assert sum(carried) * 3.5 < sum(crossing)  # int8 values + one float scale per token
+    assert ints.plan.latency_ms < floats.plan.latency_ms  # the 5 Mbit/s link is the bottleneck
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, 150, (4, 24))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    a = load_package(tmp_path / "off").run(feeds)
+    b = load_package(tmp_path / "on").run(feeds)
+    for name, value in a.items():
+        x, y = value.reshape(len(value), -1), b[name].reshape(len(value), -1)
+        cosine = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cosine.min() >= 0.999, name

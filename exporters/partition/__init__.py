@@ -35,6 +35,7 @@ LOSSLESS_TOLERANCE = 1e-5  # max abs error, partitioned against whole graph, fp3
 # Where dynamic int8 cannot be bit-exact: a split may differ from the whole graph by up to this
 # many times what the whole graph already differs from itself with other rows batched beside.
 INT8_SPLIT_NOISE = 2.0
+INT8_LINK_COSINE = 0.999  # min cosine per output row with int8 activations across links
 
 
 def planning_feeds(
@@ -68,6 +69,7 @@ def plan_model(
     pinned: frozenset[str] = frozenset(),
     source: str = "",
     keep_input: bool = False,
+    int8_links: str = "off",
 ) -> tuple[Plan, GraphProfile]:
     """Analyse ``model`` at (``batch``, ``sequence``) and plan it over ``devices``; ``pinned``
     names the weights the runtime decodes and supplies itself (a stage's coded weights),
@@ -75,14 +77,16 @@ def plan_model(
 
     Requests enter at the devices' entry and results go to their exit; with ``keep_input`` no
     stage off the entry reads a raw input, and the plan's reason says what that costs against
-    the best plan without the constraint. ``objective`` defaults to throughput for
+    the best plan without the constraint. ``int8_links`` (off | auto | on) carries token states
+    across links as int8 (``exporters.partition.links``), ``auto`` where a link is the
+    bottleneck. ``objective`` defaults to throughput for
     ``pipeline`` (a pipeline exists to overlap requests) and to latency otherwise.
     """
     chosen = get_strategy(strategy)
     objective = objective or ("throughput" if strategy == "pipeline" else "latency")
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     graph = analyse(proto, planning_feeds(inputs, batch, sequence), pinned)
-    context = Context(graph, devices, objective, keep_input)
+    context = Context(graph, devices, objective, keep_input, int8_links)
     if keep_input and not any(
         context.fits(devices.device(context.entry), 0, stop) for stop in (1,)
     ):
@@ -94,7 +98,7 @@ def plan_model(
     ends = {"entry": context.entry, "exit": context.exit, "keep_input": keep_input}
     if keep_input:
         try:
-            free = chosen.plan(Context(graph, devices, objective))
+            free = chosen.plan(Context(graph, devices, objective, int8_links=int8_links))
             cost = plan.score - free.score
             plan = replace(
                 plan,
@@ -209,7 +213,9 @@ def _batching_noise(
     return cosine
 
 
-def tolerance_for(strategy: str, graph: GraphProfile, noise: float = 1.0) -> Tolerance:
+def tolerance_for(
+    strategy: str, graph: GraphProfile, noise: float = 1.0, int8_links: bool = False
+) -> Tolerance:
     """The tolerance a split by ``strategy`` is checked against.
 
     Float and static int8 graphs split to within float rounding (``LOSSLESS_TOLERANCE``).
@@ -218,9 +224,16 @@ def tolerance_for(strategy: str, graph: GraphProfile, noise: float = 1.0) -> Tol
     reads, a data-parallel stage only its rows, so the rounding differs from the whole graph's.
     The whole graph itself already rounds a request differently with other rows batched beside
     it (``noise``: min cosine of rows run alone against run together); a split is held to
-    ``INT8_SPLIT_NOISE`` times that distance, in cosine per output row.
+    ``INT8_SPLIT_NOISE`` times that distance, in cosine per output row. A split that carries
+    activations across its links as int8 is held to ``INT8_LINK_COSINE``.
     """
     dynamic = any(n.op_type == "DynamicQuantizeLinear" for n in graph.model.graph.node)
+    if int8_links:
+        return Tolerance(
+            None,
+            INT8_LINK_COSINE,
+            "activations cross the links as int8 with per-token scales (--int8-links)",
+        )
     if dynamic and strategy in ("heads", "data"):
         floor = 1.0 - INT8_SPLIT_NOISE * (1.0 - noise)
         return Tolerance(
@@ -324,6 +337,7 @@ def partition_staged(
     sequence: int = PLANNING_SEQUENCE,
     plan: Plan | None = None,
     keep_input: bool = False,
+    int8_links: str = "off",
     on_step: Callable[[str], None] | None = None,
 ) -> PartitionResult:
     """Partition the single-stage package being built in ``root`` (manifest written) in place,
@@ -360,6 +374,7 @@ def partition_staged(
             pinned=pinned,
             source=stage.sha256,
             keep_input=keep_input,
+            int8_links=int8_links,
         )
     else:
         _saved_plan_fits(plan, stage, devices)
@@ -371,7 +386,7 @@ def partition_staged(
     noise = 1.0
     if plan.strategy in ("heads", "data"):
         noise = _batching_noise(package, stage, cases)
-    tolerance = tolerance_for(plan.strategy, graph, noise)
+    tolerance = tolerance_for(plan.strategy, graph, noise, bool(plan.int8_links))
     step(f"writing {len(plan.stages)} stage(s)")
     new = partition_into(root, manifest, plan, graph, devices)
     write_manifest(root, new)
@@ -407,6 +422,7 @@ def partition_package(
     sequence: int = PLANNING_SEQUENCE,
     plan: Plan | None = None,
     keep_input: bool = False,
+    int8_links: str = "off",
 ) -> PartitionResult:
     """Partition a single-stage package (e.g. an exported or compressed one) into ``output``,
     by a new plan or by a saved ``plan``.
@@ -430,6 +446,7 @@ def partition_package(
             sequence=sequence,
             plan=plan,
             keep_input=keep_input,
+            int8_links=int8_links,
         )
     return replace(result, path=Path(output))
 

@@ -18,6 +18,8 @@ from edgec.runtimes.devices import DeviceProfile, DeviceSet
 from edgec.errors import DeviceError
 from edgec.table import human_bytes
 
+INT8_LINKS = ("off", "auto", "on")
+
 
 @dataclass
 class Context:
@@ -27,6 +29,7 @@ class Context:
     devices: DeviceSet
     objective: Objective = "latency"
     keep_input: bool = False  # raw inputs never leave the entry device
+    int8_links: str = "off"  # off | auto (where a link is the bottleneck) | on
     costs: CostTable = field(init=False)
     live_bytes: list[int] = field(init=False)
     crossing: list[list[str]] = field(init=False)
@@ -38,6 +41,8 @@ class Context:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise DeviceError(f"unknown objective {self.objective!r}; known: {list(OBJECTIVES)}")
+        if self.int8_links not in INT8_LINKS:
+            raise DeviceError(f"unknown int8_links {self.int8_links!r}; known: {list(INT8_LINKS)}")
         self.costs = CostTable(self.graph, self.devices.devices)
         n = len(self.graph.nodes)
         self.crossing = [self.graph.crossing(c) for c in range(n + 1)]

@@ -104,7 +104,8 @@ class Plan:
     requests stream (the slowest stage, hop included). ``reason`` says why this plan won;
     Requests enter at ``entry`` (their inputs' transfer to the stages that read them is in the
     stages' ``transfer_in_ms``) and results go to ``exit`` (``return_ms``, in ``latency_ms``);
-    with ``keep_input`` no raw input leaves the entry.
+    with ``keep_input`` no raw input leaves the entry. ``int8_links`` names the tensors that
+    cross as int8 with per-token scales (``exporters.partition.links``).
     ``alternatives`` lists the candidates it beat with their predicted cost; ``bound`` says
     which constraint shaped the split (speed, or a device's memory). ``source`` is the sha256 of
     the ONNX model planned (empty for a model planned from its source), so that a saved plan is
@@ -127,6 +128,7 @@ class Plan:
     exit: str = ""
     return_ms: float = 0.0
     keep_input: bool = False
+    int8_links: tuple[str, ...] = ()
 
     @property
     def score(self) -> float:
@@ -161,6 +163,7 @@ class Plan:
                 "stages": stages,
                 "assumptions": tuple(data.get("assumptions", ())),
                 "alternatives": tuple(data.get("alternatives", ())),
+                "int8_links": tuple(data.get("int8_links", ())),
             }
         )
 
@@ -226,6 +229,8 @@ class Plan:
             f"predicted: {self.latency_ms:.3f} ms per request end to end, "
             f"{self.period_ms:.3f} ms between results when streaming (objective: {self.objective})",
         ]
+        if self.int8_links:
+            notes.append(f"int8 across links: {', '.join(self.int8_links)}")
         if self.reason:
             notes.append(f"why: {self.reason}")
         notes.append(f"bound by: {self.bound}")

@@ -123,13 +123,14 @@ class StageWriter:
             coded = tuple(encoding.coded)
         onnx.save_model(proto, os.fspath(self.root / file))
         self.written[file] = sha256_file(self.root / file)
+        io = {"inputs": tuple(plan.inputs), "outputs": tuple(plan.outputs)}
+        io.update({k: fields.pop(k) for k in ("inputs", "outputs") if k in fields})
         return StageInfo(
             name=plan.name,
             device=plan.device,
             file=file,
             sha256=self.written[file],
-            inputs=tuple(plan.inputs),
-            outputs=tuple(plan.outputs),
+            **io,
             contrib_ops=any(node.domain == CONTRIB_DOMAIN for node in proto.graph.node),
             weights=weights,
             coded=coded,
@@ -137,6 +138,22 @@ class StageWriter:
             predicted_ms=round(plan.predicted_ms, 6),
             **fields,
         )
+
+
+def _bytes(graph: GraphProfile, name: str) -> int:
+    """A crossing tensor's bytes at the planning size; for one carried as int8, its part."""
+    from edgec.exporters.partition.links import QUANTIZED, SCALE
+
+    if name in graph.tensor_bytes:
+        return graph.tensor_bytes[name]
+    for pattern, per_element in ((QUANTIZED, 1.0), (SCALE, 0.0)):
+        suffix = pattern.format("")
+        if name.endswith(suffix) and name[: -len(suffix)] in graph.tensor_bytes:
+            source = name[: -len(suffix)]
+            shape = graph.tensor_shapes.get(source, (1,))
+            elements = graph.tensor_bytes[source] // 4
+            return int(elements * per_element) or 4 * (elements // max(shape[-1], 1))
+    return 0
 
 
 def edges(stages: list[StageInfo], graph: GraphProfile) -> list[dict[str, Any]]:
@@ -154,7 +171,7 @@ def edges(stages: list[StageInfo], graph: GraphProfile) -> list[dict[str, Any]]:
                     "from": source,
                     "to": stage.name,
                     "tensors": tensors,
-                    "bytes": sum(graph.tensor_bytes.get(t, 0) for t in tensors),
+                    "bytes": sum(_bytes(graph, t) for t in tensors),
                 }
             )
         for tensor in stage.outputs:

@@ -7,11 +7,18 @@ import itertools
 from dataclasses import replace
 
 from edgec.exporters.partition.context import Context
-from edgec.exporters.partition.plan import Objective, Plan
+from edgec.exporters.partition.links import (
+    carried_bytes,
+    dequantize_inputs,
+    link_names,
+    quantize_outputs,
+)
+from edgec.exporters.partition.plan import Objective, Plan, StagePlan
 from edgec.exporters.partition.strategies import Strategy
-from edgec.exporters.partition.write import StageWriter, extract
+from edgec.exporters.partition.write import StageWriter, check_stage, extract
 from edgec.runtimes.devices import DeviceProfile
 from edgec.runtimes.manifest import StageInfo
+from onnx import TensorProto
 
 from edgec.errors import DeviceError
 from edgec.table import human_bytes
@@ -93,6 +100,7 @@ def plan(ctx: Context) -> Plan:
         free = _cuts_for(ctx, tuple(replace(d, memory_mb=None) for d in order))
         if free is not None and free[1] != cuts:
             bound = "memory: the cuts that speed alone picks do not fit the budgets"
+    stages, int8 = _int8_links(ctx, stages)
     return Plan(
         strategy="pipeline",
         objective=ctx.objective,
@@ -106,18 +114,72 @@ def plan(ctx: Context) -> Plan:
         assumptions=ctx.assumptions([d.name for d in order]),
         bound=bound,
         return_ms=back,
+        int8_links=int8,
     )
 
 
-def write(writer: StageWriter, plan: Plan) -> list[StageInfo]:
-    return [
-        writer.save(
-            stage,
-            extract(writer.model, list(stage.inputs), list(stage.outputs), stage.name),
-            nodes=(stage.start, stage.stop),
+def _int8_links(ctx: Context, stages: list[StagePlan]) -> tuple[list[StagePlan], tuple[str, ...]]:
+    """Carry the float token states crossing into a stage as int8 (``links``): always with
+    ``int8_links="on"``, with ``"auto"`` where moving them takes longer than the stage computes
+    (the link is the bottleneck). Returns the stages with their hops re-predicted."""
+    if ctx.int8_links == "off":
+        return stages, ()
+    shapes, sizes = ctx.graph.tensor_shapes, ctx.graph.tensor_bytes
+    carried: list[str] = []
+    out = [stages[0]]
+    for prev, stage in itertools.pairwise(stages):
+        crossing = [
+            t
+            for t in stage.inputs
+            if t not in ctx.graph.inputs
+            and ctx.graph.tensor_types.get(t, (0, 0))[0] == TensorProto.FLOAT
+            and len(shapes.get(t, ())) >= 2
+        ]
+        if not crossing or prev.device == stage.device:
+            out.append(stage)
+            continue
+        hop = ctx.devices.transfer_ms(prev.device, stage.device, stage.bytes_in)
+        if ctx.int8_links == "auto" and hop <= stage.predicted_ms:
+            out.append(stage)
+            continue
+        saved = sum(sizes[t] - carried_bytes(sizes[t], shapes[t]) for t in crossing)
+        smaller = ctx.devices.transfer_ms(prev.device, stage.device, stage.bytes_in - saved)
+        carried += crossing
+        out.append(
+            replace(
+                stage,
+                bytes_in=stage.bytes_in - saved,
+                transfer_in_ms=stage.transfer_in_ms - hop + smaller,
+            )
         )
-        for stage in plan.stages
-    ]
+    return out, tuple(dict.fromkeys(carried))
+
+
+def write(writer: StageWriter, plan: Plan) -> list[StageInfo]:
+    carried = set(plan.int8_links)
+    stages = []
+    for stage in plan.stages:
+        proto = extract(writer.model, list(stage.inputs), list(stage.outputs), stage.name)
+        quantized = [t for t in stage.outputs if t in carried]
+        dequantized = [t for t in stage.inputs if t in carried]
+        if quantized or dequantized:
+            quantize_outputs(proto, quantized)
+            dequantize_inputs(proto, dequantized)
+            check_stage(proto, stage.name)
+
+        def renamed(names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(n for t in names for n in (link_names(t) if t in carried else (t,)))
+
+        stages.append(
+            writer.save(
+                stage,
+                proto,
+                nodes=(stage.start, stage.stop),
+                inputs=renamed(stage.inputs),
+                outputs=renamed(stage.outputs),
+            )
+        )
+    return stages
 
 
 STRATEGY = Strategy(
