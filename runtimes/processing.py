@@ -37,8 +37,19 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise PackageError(f"cannot load tokenizer {path.name}: {exc}") from exc
 
 
+# The first prefix of a long text that is tokenized to find its cut: 8 characters a token of the
+# maximum (English WordPiece averages about 4.5 with the spaces), grown 4x while undecided.
+PROBE_CHARS_PER_TOKEN = 8
+PROBE_GROWTH = 4
+
+
 class TextEncoder:
-    """Turns sentences into the model's token tensors, padded to the longest in the batch."""
+    """Turns sentences into the model's token tensors, padded to the longest in the batch.
+
+    A text longer than the tokenizer needs is cut before it is tokenized (``prefix_to_tokenize``),
+    so a megabyte of text costs what its first few thousand characters cost; the token ids are
+    those of the whole text truncated at ``max_length`` (tested against the untruncated text).
+    """
 
     def __init__(self, config: TextPreprocessing, tokenizer_path: Path):
         self._tokenizer = load_tokenizer(tokenizer_path)
@@ -55,7 +66,8 @@ class TextEncoder:
             raise InputError("texts must be a list of strings")
         if not texts:
             raise InputError("texts is empty")
-        encodings = self._tokenizer.encode_batch(list(texts))
+        prefixes = [self.prefix_to_tokenize(text, index) for index, text in enumerate(texts)]
+        encodings = self._tokenizer.encode_batch(prefixes)
         feeds = {self.config.input_ids: np.array([e.ids for e in encodings], dtype=np.int64)}
         if self.config.attention_mask:
             mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
@@ -64,6 +76,45 @@ class TextEncoder:
             types = np.array([e.type_ids for e in encodings], dtype=np.int64)
             feeds[self.config.token_type_ids] = types
         return feeds
+
+    def prefix_to_tokenize(self, text: str, index: int = 0) -> str:
+        """The shortest probed prefix of ``text`` that decides its first ``max_length`` tokens.
+
+        The tokenizer cuts a text into words (its pre-tokenizer's splits) and tokenizes each word
+        on its own, so cutting the text changes at most its last words. A prefix decides the
+        truncated tokens when it overflows ``max_length`` and the last kept token's word lies at
+        least two words before the prefix's last word. Probes start at ``PROBE_CHARS_PER_TOKEN``
+        characters a token and grow; a text no probe decides (one endless word, a tokenizer
+        without a pre-tokenizer) is tokenized whole, which the server's character cap bounds.
+        """
+        size = self.config.max_length * PROBE_CHARS_PER_TOKEN
+        while size < len(text):
+            prefix = text[:size]
+            if self._decides(_valid_text(prefix, index)):
+                return prefix
+            size *= PROBE_GROWTH
+        return _valid_text(text, index)
+
+    def _decides(self, prefix: str) -> bool:
+        encoding = self._tokenizer.encode(prefix)
+        if not encoding.overflowing:
+            return False  # the prefix does not even fill max_length
+        kept = [w for w in encoding.word_ids if w is not None]
+        last = [w for w in encoding.overflowing[-1].word_ids if w is not None]
+        return bool(kept) and bool(last) and max(kept) <= max(last) - 2
+
+
+def _valid_text(text: str, index: int) -> str:
+    """``text`` itself; InputError when it cannot be UTF-8 (a lone surrogate, e.g. from a JSON
+    ``\\ud800`` escape), which the tokenizer would refuse with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"text {index} holds a lone surrogate {text[exc.start]!r} at character {exc.start}: "
+            "it is not valid Unicode"
+        ) from exc
+    return text
 
 
 def encode_images(config: ImagePreprocessing, images: np.ndarray) -> dict[str, np.ndarray]:
