@@ -78,6 +78,46 @@ def test_a_full_queue_refuses_and_a_timed_out_request_never_runs():
     assert [w for batch in seen for w in batch] == ["first", "queued"]
 
 
+def test_a_given_up_request_frees_its_slot_at_once():
+    """max_queue 1 while a batch runs: the queued request's caller gives up, and a new request
+    is queued in its place at once (it used to hold the slot until the batch ended)."""
+    seen: list[list[object]] = []
+
+    async def scenario() -> None:
+        batcher = _echo_batcher(BatchingConfig(max_batch=1, max_queue=1, max_delay_ms=0), seen, 0.3)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("running", ("k",), 1))
+        await asyncio.sleep(0.05)  # "running" runs; the queue is empty
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(batcher.submit("gives up", ("k",), 1), 0.05)
+        assert batcher.depth == 0
+        assert await batcher.submit("next", ("k",), 1) == "next"  # not QueueFull
+        assert await running == "running"
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert [w for batch in seen for w in batch] == ["running", "next"]
+
+
+def test_a_request_past_its_deadline_is_skipped():
+    seen: list[list[object]] = []
+
+    async def scenario() -> None:
+        batcher = _echo_batcher(BatchingConfig(max_batch=1, max_delay_ms=0), seen, 0.2)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("running", ("k",), 1))
+        await asyncio.sleep(0.05)
+        # queued behind "running", whose batch outlasts this deadline
+        late = batcher.submit("late", ("k",), 1, deadline=time.perf_counter() + 0.05)
+        with pytest.raises(asyncio.TimeoutError, match="deadline passed"):
+            await late
+        assert await running == "running"
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert [w for batch in seen for w in batch] == ["running"]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ServerError, match="max batch must be at least 1, got 0"):
         BatchingConfig(max_batch=0)

@@ -139,3 +139,86 @@ def test_a_body_without_content_length_is_still_bounded(minilm_server):
     )
     assert response.status_code == 413
     assert "exceeds" in response.json()["error"]
+
+
+# --- text content (issue 13): surrogates, huge numbers, control characters, long strings ------
+
+# any code point: lone surrogates and control characters included
+any_character = st.one_of(
+    st.characters(),
+    st.integers(0xD800, 0xDFFF).map(chr),
+    st.integers(0, 0x1F).map(chr),
+)
+strings = st.one_of(
+    st.text(any_character, max_size=40),
+    st.sampled_from(["\ud800", "a\udfffb", "\x00", "\u2028", "\ufeff", "[CLS]", "", " " * 50]),
+    # long: around the 100,000-character cap, most of them cut at 256 tokens before tokenizing
+    st.integers(1, 120_000).map(lambda n: ("edge devices run transformers " * (n // 30 + 1))[:n]),
+)
+digits = st.integers(1, 6000).map(lambda n: "9" * n) | st.sampled_from(
+    ["-1", "0", "1e999", "-0.0", "1.5", "18446744073709551616", "1" + "0" * 4300]
+)
+
+
+def _nested(depth: int, leaf: str) -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+@st.composite
+def text_content(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
+    """Requests for the 'text' input whose content, not structure, is hostile."""
+    values = draw(st.lists(strings, min_size=1, max_size=3))
+    kind = draw(st.sampled_from(["texts", "names", "number", "nested", "raw-utf8", "parameters"]))
+    tensor: dict[str, object] = _tensor("text", "BYTES", [len(values)], values)
+    document: dict[str, object] = {"inputs": [tensor]}
+    if kind == "names":  # hostile strings where names and ids go
+        where = draw(st.sampled_from(["name", "datatype", "id", "output"]))
+        if where in ("name", "datatype"):
+            tensor[where] = values[0]
+        elif where == "id":
+            document["id"] = values[0]
+        else:
+            document["outputs"] = [{"name": v} for v in values]
+    elif kind == "parameters":
+        document["parameters"] = {values[0]: draw(json_values)}
+        tensor["parameters"] = {"binary_data_size": draw(json_values)}
+    body = json.dumps(document)  # ensure_ascii: surrogates and controls travel as \u escapes
+    if kind == "number":  # a number JSON carries but Python (or the tensor) cannot take
+        number, where = draw(digits), draw(st.sampled_from(["shape", "data", "id"]))
+        shape = f"[{number}]" if where == "shape" else "[1]"
+        data = f"[{number}]" if where == "data" else json.dumps(values[:1])
+        request_id = f'"id": {number}, ' if where == "id" else ""
+        body = (
+            f'{{{request_id}"inputs": [{{"name": "text", "datatype": "BYTES", '
+            f'"shape": {shape}, "data": {data}}}]}}'
+        )
+    elif kind == "nested":
+        depth = draw(st.integers(2, 3000))
+        body = body.replace('"data": [', '"data": [' + _nested(depth, '"x"') + ", ", 1)
+    elif kind == "raw-utf8":  # surrogates as raw (invalid) UTF-8 bytes, not as escapes
+        raw = json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return "minilm", raw, {"Content-Type": "application/json"}
+    return "minilm", body.encode(), {"Content-Type": "application/json"}
+
+
+def test_hostile_text_content_never_gets_a_5xx(minilm_server):
+    @settings(
+        max_examples=120,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(request=text_content())
+    def never_5xx(request: tuple[str, bytes, dict[str, str]]) -> None:
+        name, body, headers = request
+        url = f"{minilm_server.url}/v2/models/{name}/infer"
+        response = httpx.post(url, content=body, headers=headers, timeout=60)
+        assert response.status_code < 500, (response.status_code, response.text)
+        document = response.json()  # always JSON
+        assert response.status_code == 200 or document["error"]
+
+    never_5xx()
+    assert httpx.get(f"{minilm_server.url}/v2/health/ready").status_code == 200
+    good = {"inputs": [_tensor("text", "BYTES", [1], ["still fine"])]}
+    response = httpx.post(f"{minilm_server.url}/v2/models/minilm/infer", json=good, timeout=30)
+    assert response.status_code == 200
+    assert 'status="5' not in httpx.get(f"{minilm_server.url}/metrics").text

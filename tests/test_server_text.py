@@ -1,4 +1,5 @@
-"""Bounded text: long texts are cut before tokenizing, to exactly the tokens the whole text gives."""
+"""Bounded text: long texts are cut before tokenizing, to exactly the tokens the whole text gives;
+batches of text run in chunks that stop once nobody waits."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import functools
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 from edgec.models.data import bundled_sentences
+from edgec.runtimes import load_package
 from edgec.runtimes.manifest import TextPreprocessing
 from edgec.runtimes.processing import PROBE_CHARS_PER_TOKEN, TextEncoder
+from edgec.runtimes.server.batching import Abandoned
+from edgec.runtimes.server.text import answer_texts, chunks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -131,3 +136,51 @@ def test_a_lone_surrogate_is_an_input_error(tokenizer_files):
     encoder = _encoder(tokenizer_files["wordpiece"])
     with pytest.raises(InputError, match=r"text 1 holds a lone surrogate '\\ud800' at character 2"):
         encoder(["fine", "ab\ud800cd"])
+
+
+class CountingRuntime:
+    """A runtime whose ``run`` calls are counted (rows of each call)."""
+
+    def __init__(self, runtime):  # type: ignore[no-untyped-def]
+        self._runtime = runtime
+        self.calls: list[int] = []
+
+    def run(self, feeds):  # type: ignore[no-untyped-def]
+        self.calls.append(len(next(iter(feeds.values()))))
+        return self._runtime.run(feeds)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._runtime, name)
+
+
+@pytest.fixture(scope="module")
+def minilm_runtime(minilm_package):
+    return load_package(minilm_package)
+
+
+def test_chunks_bound_the_tokens_of_each_run():
+    lengths = np.array([3, 5, 5, 8, 9, 40, 41, 100])
+    rows = np.argsort(lengths)
+    parts = chunks(rows, lengths, run_tokens=20)
+    assert np.concatenate(parts).tolist() == rows.tolist()
+    for part in parts:
+        assert len(part) == 1 or len(part) * lengths[part].max() <= 20
+
+
+def test_chunked_texts_equal_unchunked_and_stop_when_abandoned(minilm_runtime):
+    texts = bundled_sentences("heldout")[:24]
+    whole = answer_texts(minilm_runtime, texts)["embedding"]
+    counting = CountingRuntime(minilm_runtime)
+    chunked = answer_texts(counting, texts, run_tokens=64)["embedding"]  # type: ignore[arg-type]
+    assert len(counting.calls) > 3
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+    stopping = CountingRuntime(minilm_runtime)
+    with pytest.raises(Abandoned):
+        answer_texts(
+            stopping,  # type: ignore[arg-type]
+            texts,
+            run_tokens=64,
+            abandoned=lambda: len(stopping.calls) >= 2,
+        )
+    assert len(stopping.calls) == 2

@@ -2,7 +2,10 @@
 
 Every request passes the guard first (bearer token, declared body size); inference requests go
 through the served model's checks, then the dynamic batcher. Every failure a client can cause is
-a 4xx with a message; the server answers 5xx only when it is overloaded or shutting down.
+a 4xx with a JSON message; the server answers 5xx only when it is overloaded or shutting down
+(and, for a bug of its own, a JSON 500 naming the exception). Timeouts: the body must arrive
+within ``body_timeout_s`` (else 408), the answer within ``request_timeout_s`` of it (else 504);
+a request given up (timeout, client gone) leaves the queue at once and its batch stops early.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from edgec.runtimes.server.batching import BatchingConfig, DynamicBatcher, QueueFull
+from edgec.runtimes.server.batching import Abandoned, BatchingConfig, DynamicBatcher, QueueFull
 from edgec.runtimes.server.config import ServerConfig
 from edgec.runtimes.server.guard import Guard
 from edgec.runtimes.server.metrics import ServerMetrics
-from edgec.runtimes.server.model import ModelFailure, ServedModel
+from edgec.runtimes.server.model import ModelFailure, ServedModel, Work
 from edgec.runtimes.server.openapi import INFER_REQUEST_BODY
 from edgec.runtimes.server.protocol import (
     HEADER_LENGTH,
     InferRequest,
     ProtocolError,
+    check_content_type,
     encode_response,
     parse_request,
 )
@@ -35,9 +39,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import edgec
 from edgec.errors import DeviceError
 
+# nginx's code for a request whose client closed the connection: counted in the metrics, never
+# seen by the client
+CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer."""
+
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    # a message may quote client text: lone surrogates would make the UTF-8 body unencodable
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": safe}, status_code=status, headers=headers)
 
 
 class InferenceService:
@@ -74,44 +88,96 @@ class InferenceService:
         if not self.ready:
             return error(503, "the server is not ready (starting or shutting down)")
         try:
+            check_content_type(request.headers.get("content-type"))
             body = await self._read_body(request)
+        except ProtocolError as exc:
+            # the client may still be sending: close rather than read the rest
+            return error(exc.status, str(exc), {"Connection": "close"})
+        except ClientGone:
+            return error(CLIENT_CLOSED, "the client closed the connection before the whole body")
+        deadline = time.perf_counter() + self.config.request_timeout_s
+        try:
             parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+            del body
             work = self.model.check(parsed.inputs)
             self._check_outputs(parsed, work)
         except ProtocolError as exc:
             return error(exc.status, str(exc))
         try:
-            outputs = await asyncio.wait_for(
-                self.batcher.submit(work, work.key, work.rows), self.config.request_timeout_s
-            )
+            outputs = await self._answer(request, work, deadline)
         except QueueFull as exc:
             return error(503, f"overloaded: {exc}; retry later", {"Retry-After": "1"})
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, Abandoned):
             return error(504, f"the request timed out after {self.config.request_timeout_s} s")
+        except ClientGone:
+            return error(CLIENT_CLOSED, "the client closed the connection before its answer")
         except ModelFailure as exc:
             return error(422, str(exc))
         except DeviceError as exc:
             return error(503, f"a device is unavailable: {exc}")
-        body, header_length = encode_response(self.model.name, parsed, outputs)
+        answer, header_length = encode_response(self.model.name, parsed, outputs)
         if header_length is None:
-            return Response(body, media_type="application/json")
+            return Response(answer, media_type="application/json")
         return Response(
-            body,
+            answer,
             media_type="application/octet-stream",
             headers={"Inference-Header-Content-Length": str(header_length)},
         )
 
+    async def _answer(self, request: Request, work: Work, deadline: float) -> Any:
+        """The batcher's result for ``work``; gives the work up (out of the queue, its batch
+        told to stop) when the deadline passes (``TimeoutError``) or the client leaves
+        (``ClientGone``)."""
+        submitted = asyncio.ensure_future(
+            self.batcher.submit(work, work.key, work.rows, deadline=deadline)
+        )
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait(
+                (submitted, gone),
+                timeout=max(0.0, deadline - time.perf_counter()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if not submitted.done():
+                work.cancelled.set()
+            for task in (submitted, gone):
+                task.cancel()
+            await asyncio.gather(submitted, gone, return_exceptions=True)
+        if not submitted.cancelled():
+            return submitted.result()  # the outputs, or the work's error
+        if gone.done() and not gone.cancelled():
+            raise ClientGone
+        raise asyncio.TimeoutError
+
     async def _read_body(self, request: Request) -> bytes:
+        """The whole body within ``body_timeout_s`` (else 408) and ``max_body_bytes`` (else
+        413); ``ClientGone`` when the client leaves before its end."""
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
             raise ProtocolError(f"Content-Encoding {encoding!r} is not supported", status=415)
         limit, size, chunks = self.config.max_body_bytes, 0, []
-        async for chunk in request.stream():
+        timeout = self.config.body_timeout_s
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(
+                    request.receive(), max(0.0, deadline - time.perf_counter())
+                )
+            except asyncio.TimeoutError:
+                raise ProtocolError(
+                    f"the request body did not arrive within {timeout} s (body_timeout_s)",
+                    status=408,
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise ProtocolError(f"the request body exceeds {limit} bytes", status=413)
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _check_outputs(self, parsed: InferRequest, work: Any) -> None:
         if parsed.outputs is None:
@@ -120,6 +186,12 @@ class InferenceService:
         for output in parsed.outputs:
             if output.name not in known:
                 raise ProtocolError(f"unknown output {output.name!r}; this request gives {known}")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (its body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(
@@ -154,6 +226,11 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def server_bug(_: Request, exc: Exception) -> JSONResponse:
+        # a bug of ours, never a client's fault: JSON like every answer (uvicorn logs the trace)
+        return error(500, f"internal server error ({type(exc).__name__}); see the server log")
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Requests wait in a bounded queue (full: ``QueueFull``, answered 503). The collector takes the
 oldest request, then waits until it is ``max_delay_ms`` old for more with the same batching key, up to
 ``max_batch`` rows, and runs the batch on a single worker thread while the next one gathers.
-Requests whose caller gave up (timeout, disconnect) are dropped before they run.
+A request whose caller gave up (timeout, disconnect) leaves the queue at once, freeing its slot;
+one whose deadline passed before its batch runs is skipped and fails with ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class QueueFull(Exception):
     """The queue holds ``max_queue`` requests already."""
 
 
+class Abandoned(Exception):
+    """Every request of a batch was given up before the batch finished; nobody waits for it."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class BatchingConfig:
     """``max_batch`` rows per batch; ``max_delay_ms`` to wait for a batch to fill; queue bound."""
@@ -41,13 +46,23 @@ class BatchingConfig:
             raise ServerError(f"max queue must be at least 1, got {self.max_queue}")
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes this very request
 class _Pending:
     work: Any
     key: tuple[Any, ...]
     rows: int
     future: asyncio.Future[Any]
+    deadline: float | None = None  # time.perf_counter() by which the caller wants the answer
     enqueued: float = field(default_factory=time.perf_counter)
+
+    def given_up(self) -> bool:
+        """Its caller left (the future is done), or its deadline passed (then it fails so)."""
+        if self.future.done():
+            return True
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.future.set_exception(asyncio.TimeoutError("the deadline passed before it ran"))
+            return True
+        return False
 
 
 RunBatch = Callable[[Sequence[Any]], list[Any]]
@@ -87,17 +102,33 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="edgec-batcher")
 
-    async def submit(self, work: Any, key: tuple[Any, ...], rows: int) -> Any:
-        """Queue ``work`` and wait for its result; raises ``QueueFull`` or the work's error."""
+    async def submit(
+        self, work: Any, key: tuple[Any, ...], rows: int, *, deadline: float | None = None
+    ) -> Any:
+        """Queue ``work`` and wait for its result; raises ``QueueFull``, ``TimeoutError`` (its
+        ``deadline``, in ``time.perf_counter()`` seconds, passed before it ran) or its error.
+
+        Cancelling the caller takes the work out of the queue at once.
+        """
         if self._closing or self._wakeup is None:
             raise QueueFull("the server is shutting down")
         if len(self._queue) >= self.config.max_queue:
             raise QueueFull(f"the queue holds {len(self._queue)} requests already")
-        pending = _Pending(work, key, rows, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        pending = _Pending(work, key, rows, future, deadline)
         self._queue.append(pending)
         self._report_depth()
         self._wakeup.set()
-        return await pending.future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._forget(pending)
+            raise
+
+    def _forget(self, pending: _Pending) -> None:
+        if any(p is pending for p in self._queue):
+            self._queue = deque(p for p in self._queue if p is not pending)
+            self._report_depth()
 
     def _report_depth(self) -> None:
         if self._on_depth is not None:
@@ -137,7 +168,7 @@ class DynamicBatcher:
     def _pop_live(self) -> _Pending | None:
         while self._queue:
             pending = self._queue.popleft()
-            if not pending.future.done():
+            if not pending.given_up():
                 return pending
         return None
 
@@ -146,8 +177,8 @@ class DynamicBatcher:
         kept: deque[_Pending] = deque()
         while self._queue:
             pending = self._queue.popleft()
-            if pending.future.done():
-                continue  # its caller gave up
+            if pending.given_up():
+                continue
             if pending.key == key and pending.rows <= room - taken:
                 batch.append(pending)
                 taken += pending.rows
@@ -157,7 +188,7 @@ class DynamicBatcher:
         return taken
 
     async def _run(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.future.done()]
+        live = [p for p in batch if not p.given_up()]
         if not live:
             return
         loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""The ASGI guard every request passes first: bearer token (401) and declared size (413)."""
+"""The ASGI guard every request passes first: bearer token (401) and declared size (400, 413)."""
 
 from __future__ import annotations
 
@@ -35,15 +35,14 @@ class Guard:
                 return
         declared = headers.get(b"content-length")
         if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
+            # digits only: int() would take "-1", " 7" and "1_000"
+            if not declared.isdigit() or len(declared) > 20:
+                shown = declared[:40].decode("ascii", errors="backslashreplace")
                 await _reply(
-                    send,
-                    400,
-                    f"Content-Length {declared.decode(errors='replace')!r} is not a number",
+                    send, 400, f"Content-Length {shown!r} is not a non-negative whole number"
                 )
                 return
+            size = int(declared)
             if size > self.max_body_bytes:
                 await _reply(
                     send, 413, f"the request body of {size} bytes exceeds {self.max_body_bytes}"
@@ -59,6 +58,7 @@ async def _reply(
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),  # the request's body, if any, was never read
         *(extra or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})

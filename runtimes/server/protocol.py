@@ -36,6 +36,12 @@ DATATYPES: dict[str, str] = {
 }
 DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 MAX_RANK = 8
+# Digits of a JSON integer: UINT64's largest has 20. Longer ones are refused before Python parses
+# them (its limit of 4300 digits raises a ValueError, and parsing costs time quadratic in length).
+MAX_INTEGER_DIGITS = 40
+# Media types an inference body may declare; none declared is taken as JSON (tritonclient sends
+# none). ``curl -d`` declares application/x-www-form-urlencoded: it needs -H.
+CONTENT_TYPES = ("application/json", "application/octet-stream")
 
 
 class ProtocolError(InputError):
@@ -73,15 +79,40 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"invalid JSON: {name} is not a JSON number")
 
 
+def _parse_integer(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ProtocolError(
+            f"invalid JSON: an integer of {len(digits.lstrip('-'))} digits; "
+            f"at most {MAX_INTEGER_DIGITS} are accepted"
+        )
+    return int(digits)
+
+
 def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant, parse_int=_parse_integer)
     except ProtocolError:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"invalid JSON: {exc}") from exc
     except RecursionError as exc:
         raise ProtocolError("invalid JSON: nested too deeply") from exc
+    except ValueError as exc:  # any other number Python will not parse
+        raise ProtocolError(f"invalid JSON: {exc}") from exc
+
+
+def check_content_type(value: str | None) -> None:
+    """Refuses (415) a body declared as anything but JSON or binary tensor data."""
+    if value is None:
+        return
+    media_type = value.split(";", 1)[0].strip().lower()
+    if media_type not in CONTENT_TYPES:
+        hint = " (curl -d sends it: add -H 'Content-Type: application/json')"
+        raise ProtocolError(
+            f"Content-Type {value!r} is not supported; send {' or '.join(CONTENT_TYPES)}"
+            + (hint if media_type == "application/x-www-form-urlencoded" else ""),
+            status=415,
+        )
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -253,7 +284,7 @@ def _from_json(
         if not all(isinstance(v, str) for v in flat):
             raise ProtocolError(f"{where}: BYTES data must be strings")
         array = np.empty(count, dtype=object)
-        array[:] = [v.encode("utf-8") for v in flat]
+        array[:] = [_utf8(where, index, v) for index, v in enumerate(flat)]
         return array.reshape(shape)
     dtype = np.dtype(DATATYPES[datatype])
     if dtype.kind == "b":
@@ -274,6 +305,16 @@ def _from_json(
     if not np.isfinite(array).all():
         raise ProtocolError(f"{where}: {datatype} value out of range for {datatype}")
     return array.reshape(shape)
+
+
+def _utf8(where: str, index: int, value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as the JSON escape \ud800
+        raise ProtocolError(
+            f"{where}: element {index} holds a lone surrogate {value[exc.start]!r} at character "
+            f"{exc.start}; strings must be valid Unicode"
+        ) from exc
 
 
 def encode_response(

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgec.runtimes.runtime import load_package
 from edgec.runtimes.server.app import create_app
 from edgec.runtimes.server.config import ServerConfig
 from edgec.runtimes.server.model import ServedModel
 from edgec.runtimes.server.stages import StageClock
+from edgec.runtimes.server.transport import http_protocol
 from fastapi import FastAPI
 
 from edgec.errors import ServerError
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def load_app(
@@ -36,7 +41,12 @@ def load_app(
     if cluster is not None:
         options = {"inner": "ray", "on_stage": clock, "address": cluster}
     runtime = load_package(package, backend="timed", public_key=public_key, **options)
-    return create_app(ServedModel(runtime, max_request_rows=config.max_request_rows), config, clock)
+    model = ServedModel(
+        runtime,
+        max_request_rows=config.max_request_rows,
+        max_text_chars=config.max_text_chars,
+    )
+    return create_app(model, config, clock)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -50,6 +60,29 @@ def bind(host: str, port: int) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def uvicorn_config(
+    app: FastAPI,
+    *,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    graceful_timeout_s: float = 60.0,
+) -> uvicorn.Config:
+    """How ``run_server`` runs uvicorn: quiet, no server header, JSON refusals of requests that
+    HTTP itself cannot parse (``transport.http_protocol``)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        http=http_protocol(),
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(graceful_timeout_s),
+        server_header=False,
+    )
 
 
 def run_server(
@@ -68,13 +101,7 @@ def run_server(
     for path in (tls_cert, tls_key):
         if path is not None and not Path(path).is_file():
             raise ServerError(f"TLS file {str(path)!r} does not exist")
-    config = uvicorn.Config(
-        app,
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(graceful_timeout_s),
-        server_header=False,
+    config = uvicorn_config(
+        app, tls_cert=tls_cert, tls_key=tls_key, graceful_timeout_s=graceful_timeout_s
     )
     uvicorn.Server(config).run(sockets=[sock])
