@@ -177,13 +177,6 @@ def test_tiny_vit_digits_is_lossless(strategy, digits_package, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_minilm_every_strategy_is_lossless(strategy, minilm_package, tmp_path):
-    partition_package(minilm_package, tmp_path / "split", EQUAL, strategy)
-    assert_lossless(minilm_package, tmp_path / "split", [(1, 16), (4, 64)])
-
-
-@pytest.mark.slow
 def test_minilm_fp32_splits_over_two_60_mb_boards(minilm_package, tmp_path):
     from edgec.runtimes.devices import load_devices
 
