@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 from edgec.runtimes.manifest import DeviceInfo
+from edgec.runtimes.network import Network
 
 from edgec.errors import DeviceError
 
@@ -243,6 +244,18 @@ class DeviceSet:
     def transfer_ms(self, a: str, b: str, nbytes: float) -> float:
         """ms to move ``nbytes`` bytes from ``a`` to ``b``; zero on the same device."""
         return 0.0 if a == b else self.link(a, b).transfer_ms(nbytes)
+
+    def network(self, used: set[str] | None = None) -> Network:
+        """Entry, exit and the links among ``used`` devices (all by default), as a split
+        package records them (``edgec.runtimes.network``)."""
+        names = used or {d.name for d in self.devices}
+        links = {}
+        for a in sorted(names | {self.entry_device, self.exit_device}):
+            for b in sorted(names | {self.entry_device, self.exit_device}):
+                if a < b:
+                    link = self.link(a, b)
+                    links[(a, b)] = (float(link.latency_ms), float(link.bandwidth_mbps))
+        return Network(self.entry_device, self.exit_device, links)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {

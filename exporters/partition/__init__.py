@@ -282,14 +282,16 @@ def partition_into(
     plan: Plan,
     graph: GraphProfile,
     devices: DeviceSet,
+    examples: list[dict[str, np.ndarray]] | None = None,
 ) -> Manifest:
     """Write ``plan``'s stages into the single-stage package folder ``root`` and return its
-    new manifest. The whole model's files stay only where a stage uses them."""
+    new manifest. The whole model's files stay only where a stage uses them; ``examples``
+    (inputs) calibrate what a writer calibrates (int8 links)."""
     strategy = get_strategy(plan.strategy)
     if strategy.write is None:
         raise DeviceError(f"a {plan.strategy!r} plan names no strategy that writes stages")
     source = manifest.stages[0]
-    writer = StageWriter(root, source.file, source, graph)
+    writer = StageWriter(root, source.file, source, graph, examples)
     stages = strategy.write(writer, plan)
     replaced = {source.file, *([source.weights] if source.weights else [])}
     files = {k: v for k, v in manifest.files.items() if k not in replaced}
@@ -388,7 +390,7 @@ def partition_staged(
         noise = _batching_noise(package, stage, cases)
     tolerance = tolerance_for(plan.strategy, graph, noise, bool(plan.int8_links))
     step(f"writing {len(plan.stages)} stage(s)")
-    new = partition_into(root, manifest, plan, graph, devices)
+    new = partition_into(root, manifest, plan, graph, devices, cases)
     write_manifest(root, new)
     step(f"checking the partitioned package against the whole graph ({tolerance.describe()})")
     error, cosine = 0.0, 1.0

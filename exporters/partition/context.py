@@ -83,6 +83,15 @@ class Context:
         """Moving the results from ``device`` to where they go."""
         return self.devices.transfer_ms(device, self.exit, self.output_bytes * share)
 
+    def return_from(self, device: str, start: int, stop: int) -> float:
+        """Moving the model outputs that nodes ``[start, stop)`` make from ``device`` to where
+        results go."""
+        made = [t for t in self.graph.outputs if start <= self.graph.producers.get(t, -1) < stop]
+        if not made:
+            return 0.0
+        nbytes = sum(self.graph.tensor_bytes.get(t, 0) for t in made)
+        return self.devices.transfer_ms(device, self.exit, nbytes)
+
     def private(self, device: str, start: int, stop: int) -> bool:
         """Whether nodes ``[start, stop)`` may run on ``device`` under ``keep_input``: only
         the entry reads raw inputs."""

@@ -1,10 +1,12 @@
 """int8 activations across a slow link: the producing stage quantizes what crosses, the
 consuming stage dequantizes it, so the link carries a quarter of the bytes.
 
-Per token (the last axis): ``scale = max |x| / 127`` and ``q = round(x / scale)`` as int8; the
-consumer computes ``q * scale``. A transformer's hidden states hold a few large channels, which
-per-tensor scales would let swamp the rest; per-token scales keep each token's own range, and
-cost one float per token beside the int8 values.
+Per token (the last axis): ``scale = max |x / c| / 127`` and ``q = round(x / c / scale)`` as
+int8; the consumer computes ``q * scale * c``. A transformer's hidden states hold a few channels
+far larger than the rest, which would set every token's scale and leave the others a handful
+of levels: ``c``, one constant per channel measured on example inputs when the stages are
+written (the channel's largest magnitude), evens them out first. The link carries the int8
+values and one float per token.
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ def _const(model: onnx.ModelProto, name: str, value: np.ndarray) -> str:
     return name
 
 
-def quantize_outputs(model: onnx.ModelProto, names: list[str]) -> None:
-    """Replace, in place, each float graph output in ``names`` by its int8 values and scales."""
+def channel_scales(values: np.ndarray) -> np.ndarray:
+    """Per channel (last axis) of example activations: its largest magnitude, floored at a
+    millionth of the largest, so that no channel is divided by zero."""
+    peak = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0).astype(np.float32)
+    return np.maximum(peak, float(peak.max()) * 1e-6 + _EPS).astype(np.float32)
+
+
+def quantize_outputs(
+    model: onnx.ModelProto, names: list[str], channels: dict[str, np.ndarray]
+) -> None:
+    """Replace, in place, each float graph output in ``names`` by its int8 values and scales;
+    ``channels[name]`` evens its channels out first (``channel_scales``)."""
     if not names:
         return
     graph = model.graph
@@ -47,7 +59,11 @@ def quantize_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         rank = len(output.type.tensor_type.shape.dim)
         values, scales = link_names(name)
         absmax = f"{name}__absmax"
-        nodes = [helper.make_node("Abs", [name], [f"{name}__abs"])]
+        even = _const(model, f"{name}__channels", channels[name])
+        nodes = [
+            helper.make_node("Div", [name, even], [f"{name}__even"]),
+            helper.make_node("Abs", [f"{name}__even"], [f"{name}__abs"]),
+        ]
         if _opset(model) >= 18:
             nodes.append(helper.make_node("ReduceMax", [f"{name}__abs", axes], [absmax]))
         else:
@@ -55,7 +71,7 @@ def quantize_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         nodes += [
             helper.make_node("Max", [absmax, eps], [f"{name}__floor"]),
             helper.make_node("Div", [f"{name}__floor", top], [scales]),
-            helper.make_node("Div", [name, scales], [f"{name}__scaled"]),
+            helper.make_node("Div", [f"{name}__even", scales], [f"{name}__scaled"]),
             helper.make_node("Round", [f"{name}__scaled"], [f"{name}__rounded"]),
             helper.make_node("Clip", [f"{name}__rounded", low, top], [f"{name}__clipped"]),
             helper.make_node("Cast", [f"{name}__clipped"], [values], to=TensorProto.INT8),
@@ -70,9 +86,11 @@ def quantize_outputs(model: onnx.ModelProto, names: list[str]) -> None:
         )
 
 
-def dequantize_inputs(model: onnx.ModelProto, names: list[str]) -> None:
+def dequantize_inputs(
+    model: onnx.ModelProto, names: list[str], channels: dict[str, np.ndarray]
+) -> None:
     """Replace, in place, each float graph input in ``names`` by its int8 values and scales,
-    multiplied back before the first node."""
+    multiplied back (and by ``channels[name]``) before the first node."""
     graph = model.graph
     first = []
     for name in names:
@@ -86,9 +104,11 @@ def dequantize_inputs(model: onnx.ModelProto, names: list[str]) -> None:
                 helper.make_tensor_value_info(scales, TensorProto.FLOAT, [None] * rank),
             ]
         )
+        even = _const(model, f"{name}__channels", channels[name])
         first += [
             helper.make_node("Cast", [values], [f"{name}__float"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{name}__float", scales], [name]),
+            helper.make_node("Mul", [f"{name}__float", scales], [f"{name}__even"]),
+            helper.make_node("Mul", [f"{name}__even", even], [name]),
         ]
     for node in reversed(first):
         graph.node.insert(0, node)

@@ -73,7 +73,15 @@ class StageWriter:
     ``written`` collects every file written, by path inside ``root``, with its sha256.
     """
 
-    def __init__(self, root: Path, whole_file: str, source: StageInfo, graph: GraphProfile):
+    def __init__(
+        self,
+        root: Path,
+        whole_file: str,
+        source: StageInfo,
+        graph: GraphProfile,
+        examples: list[dict[str, np.ndarray]] | None = None,
+    ):
+        self.examples = examples or []
         self.root = root
         self.whole_file = whole_file
         self.source = source
@@ -85,6 +93,30 @@ class StageWriter:
     def model(self) -> onnx.ModelProto:
         """The analysed model with a type on every value (what stages are cut from)."""
         return typed(self.graph.model, self.graph)
+
+    def activations(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The values ``names`` take on the example inputs (concatenated along the batch),
+        for writers that calibrate on them."""
+        if not names:
+            return {}
+        if not self.examples:
+            raise ExportError(f"no example inputs to calibrate {names} on")
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.model)
+        known = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(
+            v for v in self.model.graph.value_info if v.name in names and v.name not in known
+        )
+        session = ort.InferenceSession(
+            probe.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        runs = [session.run(names, feeds) for feeds in self.examples]
+        return {
+            name: np.concatenate([r[i].reshape(-1, r[i].shape[-1]) for r in runs])
+            for i, name in enumerate(names)
+        }
 
     def whole(self, plan: StagePlan, **fields: Any) -> StageInfo:
         """``plan``'s stage running the whole model's file as it is."""

@@ -9,6 +9,7 @@ from dataclasses import replace
 from edgec.exporters.partition.context import Context
 from edgec.exporters.partition.links import (
     carried_bytes,
+    channel_scales,
     dequantize_inputs,
     link_names,
     quantize_outputs,
@@ -52,8 +53,7 @@ def _cuts_for(ctx: Context, order: tuple[DeviceProfile, ...]) -> tuple[float, li
                 hop = ctx.entry_ms(device.name, start, stop)
                 if prev is not None:
                     hop += ctx.devices.transfer_ms(prev, device.name, ctx.hop_bytes[start])
-                if j == k:
-                    hop += ctx.return_ms(device.name)
+                hop += ctx.return_from(device.name, start, stop)
                 cost = _combine(
                     ctx.objective,
                     best[j - 1][start],
@@ -93,7 +93,7 @@ def plan(ctx: Context) -> Plan:
     hops = ", ".join(
         f"{s.name}: {len(s.inputs)} tensors, {human_bytes(s.bytes_in)}" for s in stages[1:]
     )
-    back = ctx.return_ms(order[-1].name)
+    back = max(ctx.return_from(s.device, s.start, s.stop) for s in stages)
     unbounded = [d for d in order if d.memory_bytes is None]
     bound = "speed"
     if len(unbounded) < len(order):
@@ -107,7 +107,8 @@ def plan(ctx: Context) -> Plan:
         stages=tuple(stages),
         latency_ms=sum(s.predicted_ms + s.transfer_in_ms for s in stages) + back,
         period_ms=max(
-            s.predicted_ms + s.transfer_in_ms + (back if s is stages[-1] else 0.0) for s in stages
+            s.predicted_ms + s.transfer_in_ms + ctx.return_from(s.device, s.start, s.stop)
+            for s in stages
         ),
         planning_shape=ctx.shape(),
         reason=f"cuts minimise the {ctx.objective} over device orders ({hops})",
@@ -157,14 +158,17 @@ def _int8_links(ctx: Context, stages: list[StagePlan]) -> tuple[list[StagePlan],
 
 def write(writer: StageWriter, plan: Plan) -> list[StageInfo]:
     carried = set(plan.int8_links)
+    channels = {
+        name: channel_scales(value) for name, value in writer.activations(sorted(carried)).items()
+    }
     stages = []
     for stage in plan.stages:
         proto = extract(writer.model, list(stage.inputs), list(stage.outputs), stage.name)
         quantized = [t for t in stage.outputs if t in carried]
         dequantized = [t for t in stage.inputs if t in carried]
         if quantized or dequantized:
-            quantize_outputs(proto, quantized)
-            dequantize_inputs(proto, dequantized)
+            quantize_outputs(proto, quantized, channels)
+            dequantize_inputs(proto, dequantized, channels)
             check_stage(proto, stage.name)
 
         def renamed(names: tuple[str, ...]) -> tuple[str, ...]:
