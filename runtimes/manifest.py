@@ -6,8 +6,11 @@ reads it; neither builds manifest dicts by hand. It imports numpy only (the devi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import math
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from functools import cache
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from edgec.runtimes.lowbit import CodedWeight
 
@@ -16,6 +19,14 @@ from edgec.errors import PackageError
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST_NAME = "manifest.json"
+
+# A compressed file of a package (``.gz``) may inflate to the size ``Manifest.inflated`` records
+# for it and no more; a manifest that records none gets DEFAULT_INFLATED_LIMIT. No recorded size
+# may pass MAX_INFLATED_BYTES (the largest Hugging Face tokenizer.json files are about 30 MB).
+DEFAULT_INFLATED_LIMIT = 64 << 20
+MAX_INFLATED_BYTES = 256 << 20
+MAX_THREADS = 1024  # a device's session threads: more is a typo, or an attempt to exhaust it
+MAX_TEXT_LENGTH = 1 << 20  # tokens a text is cut at; models of today take far fewer
 
 # ONNX element types the runtime maps to numpy; names are numpy's.
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
@@ -35,6 +46,12 @@ class TensorInfo:
         if self.dtype not in DTYPES:
             raise PackageError(
                 f"tensor {self.name!r}: unknown dtype {self.dtype!r}; known: {DTYPES}"
+            )
+        negative = [d for d in self.shape if isinstance(d, int) and d < 0]
+        if negative:
+            raise PackageError(
+                f"tensor {self.name!r}: shape {list(self.shape)} has negative dimensions; a "
+                "dimension is a size or a symbolic name"
             )
 
     def to_json(self) -> dict[str, Any]:
@@ -58,6 +75,12 @@ class TextPreprocessing:
     token_type_ids: str | None = None
     kind: str = "text"
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_length <= MAX_TEXT_LENGTH:
+            raise PackageError(
+                f"preprocessing.max_length must be 1..{MAX_TEXT_LENGTH}, got {self.max_length}"
+            )
+
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
@@ -71,6 +94,12 @@ class ImagePreprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     kind: str = "image"
+
+    def __post_init__(self) -> None:
+        sizes = {"channels": self.channels, "height": self.height, "width": self.width}
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small:
+            raise PackageError(f"preprocessing: {small} must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -103,16 +132,16 @@ def _tupled(data: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
-def _processing_from_json(data: dict[str, Any] | None, registry: dict[str, type], what: str) -> Any:
+def _processing_from_json(data: Any, registry: dict[str, type], what: str) -> Any:
     if data is None:
         return None
+    if not isinstance(data, dict):
+        raise PackageError(f"manifest.json.{what} must be an object or null, got {_shown(data)}")
     kind = data.get("kind")
-    if kind not in registry:
-        raise PackageError(f"unknown {what} kind {kind!r}; known: {sorted(registry)}")
-    try:
-        return registry[kind](**_tupled(data))
-    except TypeError as exc:
-        raise PackageError(f"invalid {what} {data}: {exc}") from exc
+    if not isinstance(kind, str) or kind not in registry:
+        raise PackageError(f"unknown {what} kind {_shown(kind)}; known: {sorted(registry)}")
+    check_json(data, registry[kind], f"manifest.json.{what}")
+    return registry[kind](**_tupled(data))
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,13 @@ class DeviceInfo:
     threads: int = 0
     memory_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise PackageError(
+                f"device {self.name!r}: threads must be 0..{MAX_THREADS} (0: onnxruntime "
+                f"chooses), got {self.threads}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         data = {
@@ -259,7 +295,10 @@ _LEGACY_EXECUTION = {"data": "batch", "heads": "groups"}
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything ``manifest.json`` holds. ``files`` maps every other file to its sha256.
+    """Everything ``manifest.json`` holds. ``files`` maps every other file to its sha256;
+    every file the manifest names elsewhere (stage files, weights files, the tokenizer) must be
+    among them (``edgec.runtimes.package.check_package``). ``inflated`` records what each
+    compressed file inflates to, so that the loader stops a file that inflates further.
 
     ``strategy`` names the partition strategy that wrote the stages, ``execution`` how the
     runtime runs them (``edgec.runtimes.executor.EXECUTORS``: a chain, a batch split over
@@ -282,6 +321,8 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
     format_version: int = FORMAT_VERSION
+    # The bytes each compressed file of ``files`` inflates to (``.gz``; see DEFAULT_INFLATED_LIMIT)
+    inflated: dict[str, int] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorInfo:
         for info in self.inputs:
@@ -311,20 +352,35 @@ class Manifest:
             "edges": list(self.edges),
             "aggregation": self.aggregation,
             "files": dict(sorted(self.files.items())),
+            "inflated": dict(sorted(self.inflated.items())),
             "report": self.report,
             "parity": self.parity,
         }
 
     @classmethod
     def from_json(cls, data: Any) -> Manifest:
+        """The manifest of parsed ``manifest.json``; ``PackageError`` naming the field for a
+        value of the wrong JSON type or out of range, an unknown key, or a missing one."""
         if not isinstance(data, dict):
             raise PackageError("manifest.json is not a JSON object")
         version = data.get("format_version")
+        supported = list(SUPPORTED_FORMAT_VERSIONS)
+        if type(version) is not int:  # bool is an int to Python, never to the format
+            raise PackageError(
+                f"manifest.json.format_version must be an integer, one of {supported}; got "
+                f"{_shown(version)} ({_JSON_KINDS.get(type(version), 'another value')})"
+            )
         if version not in SUPPORTED_FORMAT_VERSIONS:
             raise PackageError(
-                f"package format_version {version!r} is not supported by this edgec "
-                f"(supported: {SUPPORTED_FORMAT_VERSIONS}); upgrade edgec or re-export the package"
+                f"package format_version {_shown(version)} is not supported by this edgec "
+                f"(supported: {supported}); upgrade edgec or re-export the package"
             )
+        _check_unicode(data)
+        check_json(data, cls, "manifest.json", skip=_CHECKED_APART)
+        execution = data.get("execution")
+        if execution is not None and not isinstance(execution, str):
+            raise PackageError(f"manifest.json.execution must be a string, got {_shown(execution)}")
+        _check_manifest_values(data)
         try:
             return cls(
                 format_version=version,
@@ -346,8 +402,197 @@ class Manifest:
                 edges=tuple(data.get("edges", ())),
                 aggregation=data.get("aggregation", {"kind": "none"}),
                 files=dict(data["files"]),
+                inflated=dict(data.get("inflated", {})),
                 report=data.get("report", {}),
                 parity=data.get("parity", {}),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            # the checks above leave none of these; a last guard, never a traceback
             raise PackageError(f"manifest.json is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+# Manifest fields whose JSON ``from_json`` checks on its own: the version first, the processing
+# by its kind, and ``execution``, which packages of an older edgec leave null.
+_CHECKED_APART = frozenset({"format_version", "preprocessing", "postprocessing", "execution"})
+
+
+def _check_unicode(data: Any) -> None:
+    """Refuse a string that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800``
+    escape makes), anywhere: no file name, message or output could hold it."""
+    stack: list[tuple[Any, str]] = [(data, "manifest.json")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((key, f"a key of {where}") for key in node)
+            stack.extend((value, f"{where}.{key}") for key, value in node.items())
+        elif isinstance(node, list):
+            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PackageError(
+                    f"{where} holds {node[exc.start]!r} at character {exc.start}, a lone "
+                    "surrogate: not valid Unicode"
+                ) from exc
+
+
+def _check_manifest_values(data: dict[str, Any]) -> None:
+    """What types alone do not say: stages exist, names are unique, sizes are in range."""
+    if not data["stages"]:
+        raise PackageError("manifest.json.stages is empty: a package runs at least one stage")
+    for what in ("stages", "devices"):
+        names = [item["name"] for item in data[what]]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise PackageError(f"manifest.json.{what}: names {repeated} occur more than once")
+    for relative, size in data.get("inflated", {}).items():
+        if not 0 <= size <= MAX_INFLATED_BYTES:
+            raise PackageError(
+                f"manifest.json.inflated[{relative!r}] must be 0..{MAX_INFLATED_BYTES} bytes, "
+                f"got {size}"
+            )
+    kind = data.get("aggregation", {}).get("kind", "none")
+    if not isinstance(kind, str):
+        raise PackageError(f"manifest.json.aggregation.kind must be a string, got {_shown(kind)}")
+
+
+# --- the JSON form of the dataclasses above ------------------------------------------------
+#
+# Each dataclass here is its own schema: its JSON object holds its fields, and a field's
+# annotation says which JSON values it takes (``check_json``). So the types are stated once.
+
+_INT_LIMIT = 1 << 63  # integers must fit in int64, as onnxruntime and numpy take them
+_JSON_KINDS = {
+    bool: "a boolean",
+    float: "a number with a fraction or exponent",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    type(None): "missing or null",
+}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message: short, and never the whole of a huge one."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer too long to print, a deep nesting
+        text = f"<{type(value).__name__}>"
+    if len(text) <= 60:
+        return text
+    kinds: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
+    kind = kinds.get(type(value), "a value")
+    return f"{kind} of {len(text)} characters ({text[:40]}...)"
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list (of {_describe(args[0])})"
+        return f"a list of {len(args)} items ({', '.join(_describe(a) for a in args)})"
+    if origin is dict or is_dataclass(hint):
+        return "an object"
+    names = {
+        bool: "true or false",
+        int: "an integer in int64",
+        float: "a finite number",
+        str: "a string",
+    }
+    return names.get(hint, "null" if hint is type(None) else "any value")
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a scalar JSON value has the form of ``hint`` (bool, int, float or str)."""
+    if hint is bool or hint is str:
+        return isinstance(value, hint)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return -_INT_LIMIT <= value < _INT_LIMIT
+    return hint is float and math.isfinite(value)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    if hint is Any:
+        return
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return
+        for option in (a for a in args if a is not type(None)):
+            try:
+                _check_value(value, option, where)
+                return
+            except PackageError:
+                continue
+        raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+        return
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            for index, item in enumerate(value):
+                _check_value(item, args[0], f"{where}[{index}]")
+            return
+        if len(value) != len(args):
+            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+        for index, (item, item_hint) in enumerate(zip(value, args, strict=True)):
+            _check_value(item, item_hint, f"{where}[{index}]")
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PackageError(f"{where} must be an object, got {_shown(value)}")
+        for key, item in value.items():
+            _check_value(item, args[1], f"{where}[{key!r}]")
+        return
+    if isinstance(hint, type) and is_dataclass(hint):
+        check_json(value, hint, where)
+        return
+    if hint not in (bool, int, float, str):
+        raise TypeError(f"internal: no JSON form for {hint!r} at {where}")
+    if not _conforms(value, hint):
+        raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+
+
+# Dataclasses whose JSON object keeps keys beyond its fields, and the fields it does not hold.
+_OPEN: dict[type, frozenset[str]] = {DeviceInfo: frozenset({"extra"})}
+
+
+def check_json(data: Any, cls: type, where: str, *, skip: frozenset[str] = frozenset()) -> None:
+    """Refuse ``data`` (parsed JSON) unless it is an object holding ``cls``'s fields, each of the
+    JSON form of its annotation, every field without a default present and no unknown key
+    (``PackageError`` naming the field as ``where.field[index]``). ``skip`` names fields the
+    caller checks itself."""
+    if not isinstance(data, dict):
+        raise PackageError(f"{where} must be an object, got {_shown(data)}")
+    hints = _hints(cls)
+    apart = skip | _OPEN.get(cls, frozenset())
+    known = {f.name for f in fields(cls)} - _OPEN.get(cls, frozenset())
+    for f in fields(cls):
+        if f.name in apart:
+            continue
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise PackageError(f"{where} lacks {f.name!r}")
+            continue
+        _check_value(data[f.name], hints[f.name], f"{where}.{f.name}")
+    if cls not in _OPEN:
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PackageError(f"{where} has unknown keys {unknown}; known: {sorted(known)}")
