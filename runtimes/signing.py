@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from edgec.runtimes.manifest import MANIFEST_NAME
+from edgec.runtimes.package import check_package, read_manifest, read_manifest_bytes
 
 from edgec.errors import SignatureError
 
 SIGNATURE_NAME = "manifest.sig"
+_MAX_SIGNATURE_CHARS = 1024  # an Ed25519 signature is 88 characters of base64
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> None:
@@ -70,11 +72,15 @@ def _load_key(path: Path, *, private: bool) -> Any:
 def sign_manifest(package: Path, private_key: Path) -> Path:
     """Sign ``package/manifest.json`` with ``private_key``; returns the signature file's path.
 
-    The caller verifies the package first (``read_package``) so that only intact packages are
-    signed.
+    Only an intact package is signed: the very bytes signed pass the checks every reader runs
+    (``check_package``: fields, paths, every named file listed, sha256s, inflated sizes), so a
+    signature never vouches for a file the manifest leaves unchecked.
     """
     key = _load_key(private_key, private=True)
-    signature = key.sign((Path(package) / MANIFEST_NAME).read_bytes())
+    root = Path(package)
+    manifest = read_manifest_bytes(root)
+    check_package(root, read_manifest(root, manifest))
+    signature = key.sign(manifest)
     target = Path(package) / SIGNATURE_NAME
     target.write_text(base64.b64encode(signature).decode("ascii") + "\n", encoding="ascii")
     return target
@@ -91,13 +97,17 @@ def verify_manifest(package: Path, public_key: Path) -> bytes:
     signature_path = root / SIGNATURE_NAME
     if not signature_path.is_file():
         raise SignatureError(f"package {str(root)!r} is unsigned: it has no {SIGNATURE_NAME}")
+    with open(signature_path, "rb") as fh:
+        text = fh.read(_MAX_SIGNATURE_CHARS + 1)
+    if len(text) > _MAX_SIGNATURE_CHARS:
+        raise SignatureError(f"{SIGNATURE_NAME} of {str(root)!r} is too long to be a signature")
     try:
-        signature = base64.b64decode(signature_path.read_text(encoding="ascii"), validate=False)
+        signature = base64.b64decode(text.decode("ascii"), validate=False)
     except (binascii.Error, UnicodeDecodeError) as exc:
         raise SignatureError(f"{SIGNATURE_NAME} of {str(root)!r} is not base64: {exc}") from exc
     if not (root / MANIFEST_NAME).is_file():
         raise SignatureError(f"package {str(root)!r} has no {MANIFEST_NAME} to verify")
-    manifest = (root / MANIFEST_NAME).read_bytes()
+    manifest = read_manifest_bytes(root)  # bounded: a huge file is refused before it is read
     from cryptography.exceptions import InvalidSignature
 
     try:
