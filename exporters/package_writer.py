@@ -11,12 +11,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
-from edgec.runtimes.manifest import MANIFEST_NAME, Manifest
-from edgec.runtimes.package import sha256_file
+from edgec.runtimes.manifest import MANIFEST_NAME, MAX_INFLATED_BYTES, Manifest
+from edgec.runtimes.package import inflated_size, is_compressed, sha256_file
 
-from edgec.errors import ExportError
+from edgec.errors import ExportError, PackageError
 
 
 def hash_files(root: Path, relatives: list[str]) -> dict[str, str]:
@@ -24,9 +25,27 @@ def hash_files(root: Path, relatives: list[str]) -> dict[str, str]:
     return {rel: sha256_file(root / rel) for rel in relatives}
 
 
-def write_manifest(root: Path, manifest: Manifest) -> None:
+def inflated_sizes(root: Path, relatives: list[str]) -> dict[str, int]:
+    """What each compressed file among ``relatives`` inflates to: the limit the loader holds it
+    to (``Manifest.inflated``)."""
+    sizes = {}
+    for relative in (r for r in relatives if is_compressed(r)):
+        why = f" (no package file may inflate past {MAX_INFLATED_BYTES} bytes)"
+        try:
+            sizes[relative] = inflated_size(root / relative, MAX_INFLATED_BYTES, relative, why)
+        except PackageError as exc:
+            raise ExportError(str(exc)) from exc
+    return sizes
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Write ``manifest`` into the package at ``root`` with the inflated size of each of its
+    compressed files measured (the writer of every exporter, so every package records them);
+    returns the manifest as written."""
+    manifest = replace(manifest, inflated=inflated_sizes(root, list(manifest.files)))
     text = json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n"
     (root / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    return manifest
 
 
 @contextmanager
