@@ -21,8 +21,17 @@ from edgec.runtimes.manifest import (
 )
 from edgec.runtimes.package import Package, read_package
 from edgec.runtimes.processing import TextEncoder, encode_images, pool, softmax
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from edgec.errors import InputError
+from edgec.errors import InputError, PackageError
+
+# What onnxruntime raises on a model it cannot load: its own errors (InvalidProtobuf,
+# InvalidGraph, Fail, ...; each derives from Exception alone), and UnicodeDecodeError from its
+# Python layer when a name in the graph is not UTF-8 (found by tests/test_package_fuzz.py).
+ONNXRUNTIME_ERRORS: tuple[type[Exception], ...] = (
+    *(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)),
+    UnicodeDecodeError,
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,10 @@ class Runtime:
 
     def __init__(self, package: Package, *, backend: str = "local", **backend_options: Any):
         self.package = package
-        self._backend: Backend = create_backend(backend, package, **backend_options)
+        try:
+            self._backend: Backend = create_backend(backend, package, **backend_options)
+        except ONNXRUNTIME_ERRORS as exc:
+            raise PackageError(_unloadable(package, exc)) from exc
         self._executor = Executor(package.manifest, self._backend)
 
     @cached_property
@@ -94,7 +106,8 @@ class Runtime:
         pre = self.package.manifest.preprocessing
         if not isinstance(pre, TextPreprocessing):
             return None
-        return TextEncoder(pre, self.package.path(pre.tokenizer))
+        # checked again here: the tokenizer may be read long after the package was verified
+        return TextEncoder(pre, self.package.recheck(pre.tokenizer))
 
     @property
     def manifest(self) -> Manifest:
@@ -154,6 +167,16 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unloadable(package: Package, exc: Exception) -> str:
+    """The message for a stage file onnxruntime refused (its hash matched: the file is what the
+    manifest lists, but no model). onnxruntime names the file's path; that names the stage."""
+    message = str(exc).strip()
+    stages = package.manifest.stages
+    named = [s for s in stages if str(package.path(s.file)) in message] or list(stages)
+    which = ", ".join(f"stage {s.name!r} ({s.file!r})" for s in named)
+    return f"onnxruntime cannot load {which} of package {str(package.root)!r}: {message}"
 
 
 def load_package(
