@@ -199,7 +199,7 @@ def _fresh(source: Path, scratch: Path) -> Path:
 def test_mutated_manifests_load_or_raise_a_package_error(source, scratch, bounded_peak):
     base = json.loads((source / "manifest.json").read_text())
 
-    @settings(FUZZ, max_examples=150 * SCALE)
+    @settings(FUZZ, max_examples=400 * SCALE)
     @given(text=manifest_texts(base))
     def fuzz(text: str) -> None:
         package = _fresh(source, scratch)
@@ -273,7 +273,7 @@ def _rehash(package: Path, name: str) -> None:
 
 @needs_proc
 def test_mutated_files_load_or_raise_a_package_error(source, scratch, bounded_peak):
-    @settings(FUZZ, max_examples=60 * SCALE)
+    @settings(FUZZ, max_examples=150 * SCALE)
     @given(mutation=file_mutations())
     def fuzz(mutation: tuple[str, str, Any, bool]) -> None:
         name, how, what, rehashed = mutation
