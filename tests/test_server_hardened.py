@@ -255,6 +255,19 @@ def test_the_content_type_is_checked(server, content_type, status):
         assert "application/json" in response.json()["error"]
 
 
+def test_a_refused_content_type_reaches_a_client_still_sending(server):
+    """415 only once the body is in: answering earlier closed on clients mid-send, and their
+    kernel dropped the answer (the soak benchmark saw ReadError)."""
+    body = json.dumps(texts(["x" * 90_000] * 20)).encode()  # 1.8 MB
+    for _ in range(5):
+        response = server.infer(body, headers={"Content-Type": "text/plain"})
+        assert response.status_code == 415
+    response = server.infer(body, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 415
+    assert "Content-Encoding 'gzip' is not supported" in response.json()["error"]
+    server.assert_healthy()
+
+
 @pytest.mark.parametrize("length", [b"-1", b"abc", b"1e3", b"99999999999999999999999"])
 def test_an_invalid_content_length_gets_a_json_400(server, length):
     answer = server.raw(

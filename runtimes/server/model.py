@@ -32,9 +32,11 @@ from edgec.errors import DeviceError, InputError
 TEXT_INPUT = "text"
 Result = dict[str, np.ndarray] | Exception
 DEFAULT_MAX_SEQUENCE = 512
-# Tokens (rows x sequence length) one model call runs: a batch of max-batch 16 sentences runs in
-# one call, and a 1,024-row request gives way to cancellation every ~2 s on 2 cores (minilm).
-RUN_TOKENS = 4096
+# Tokens (rows x sequence length) one model call runs. It bounds what onnxruntime's arena grows
+# to and keeps (minilm, one process: +125 MB after 8 x 256 tokens, +250 MB after 16 x 256) and
+# how long a given-up batch runs on (~1 s on 2 cores); 16 sentences of up to 128 tokens still run
+# in one call.
+RUN_TOKENS = 2048
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,13 @@ def _parse_json(raw: bytes) -> Any:
         raise ProtocolError(f"invalid JSON: {exc}") from exc
 
 
+def check_content_encoding(value: str | None) -> None:
+    """Refuses (415) a compressed body: tritonclient's gzip and deflate are not supported."""
+    encoding = (value or "identity").lower()
+    if encoding != "identity":
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported", status=415)
+
+
 def check_content_type(value: str | None) -> None:
     """Refuses (415) a body declared as anything but JSON or binary tensor data."""
     if value is None:
