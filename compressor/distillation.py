@@ -1,8 +1,14 @@
 """Distillation recovery: a short fine-tune of the compressed model towards the original.
 
 Unlabeled: the loss is the masked mean squared error between the student's and the teacher's
-output states (encoders), or the KL divergence of the logits (classifiers). Runs on CPU; on a
-GPU when one is present.
+output states plus the cosine of the pooled vectors (encoders), or the KL divergence of the
+logits plus their cosine (classifiers): the cosine is what the fidelity figures measure, and the
+KL divergence alone is blind to it where the softmax is flat (a shift of every logit, or logits
+near zero as in a random head). On tiny-vit-digits pruned to half its heads and FFN, 150 steps:
+held-out min/mean cosine 0.46/0.95 and accuracy 93.9% with the cosine term, 0.34/0.92 and 93.6%
+with the KL divergence alone. Runs on CPU; on a GPU when one is present. Denormal floats are
+flushed to zero while it trains: gradients near zero otherwise made each CPU step about 6x
+slower (a pruned random ViT: 31.5 s against 5.2 s for 400 steps).
 
 Weights already shared keep their clusters: after every optimizer step each cluster is set to
 the mean of its members, which trains the centroids with the cluster assignments fixed (the
@@ -18,7 +24,8 @@ learns to make up for int8's error, which a distillation before ``quantize`` can
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import torch
@@ -36,9 +43,10 @@ def _loss(
     spec: ModelSpec, student: torch.Tensor, teacher: torch.Tensor, feeds: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     if spec.task == "classification":
-        return nn.functional.kl_div(
+        kl = nn.functional.kl_div(
             student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
         )
+        return kl + (1 - nn.functional.cosine_similarity(student, teacher, dim=-1)).mean() * 10
     mask = feeds.get("attention_mask")
     weights = torch.ones(student.shape[:-1]) if mask is None else mask.float()
     error = ((student - teacher) ** 2).mean(-1)  # (B, T)
@@ -47,6 +55,16 @@ def _loss(
     pooled_t = (teacher * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
     cos = nn.functional.cosine_similarity(pooled_s, pooled_t, dim=-1)
     return (error * weights).sum() / weights.sum() + (1 - cos).mean() * 10
+
+
+@contextlib.contextmanager
+def _flush_denormals() -> Iterator[None]:
+    """Denormal floats as zero on the CPU for the block (torch's default, off, afterwards)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 class _Int8Grid(nn.Module):
@@ -115,27 +133,28 @@ def distill(
     queue: list[Feeds] = []
     losses = []
     bar = tqdm(range(step.steps), desc="distillation", unit="step", leave=False)
-    for _ in bar:
-        if not queue:
-            queue = _batches(data, step.batch_size, rng)
-        feeds = {
-            n: torch.from_numpy(v).to(device)
-            for n, v in queue.pop().items()
-            if n in spec.input_names
-        }
-        with torch.no_grad():
-            target = teacher(**feeds)[name]
-        loss = _loss(spec, student(**feeds)[name], target, feeds)
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            for param, cluster in clusters.items():
-                cluster.project(params[param])
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    with _flush_denormals():
+        for _ in bar:
+            if not queue:
+                queue = _batches(data, step.batch_size, rng)
+            feeds = {
+                n: torch.from_numpy(v).to(device)
+                for n, v in queue.pop().items()
+                if n in spec.input_names
+            }
+            with torch.no_grad():
+                target = teacher(**feeds)[name]
+            loss = _loss(spec, student(**feeds)[name], target, feeds)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for param, cluster in clusters.items():
+                    cluster.project(params[param])
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for name in int8:  # the float weight (on its clusters) rounded onto the grid for good
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
     student.to("cpu").eval()
