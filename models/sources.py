@@ -76,6 +76,15 @@ def resolve_source(source: str | os.PathLike[str]) -> tuple[str, Path]:
     )
 
 
+# Task heads edgec exports besides the base model: their output ``logits`` is (batch, labels).
+# ``...WithTeacher`` (DeiT) predicts the mean of its class and distillation heads as ``logits``.
+CLASSIFIER_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForImageClassification",
+    "ForImageClassificationWithTeacher",
+)
+
+
 def _model_class(config: Any) -> Any:
     import transformers
 
@@ -84,6 +93,29 @@ def _model_class(config: Any) -> Any:
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls
     return transformers.AutoModel
+
+
+def _is_classifier(cls: Any, config: Any, directory: Path) -> bool:
+    """Whether ``cls`` is a classifier; False for the base model; a ``SourceError`` naming the
+    head for any other (masked LM, token classification, question answering, ...), whose
+    outputs are not one embedding or one label distribution per input."""
+    import transformers
+
+    if cls.__name__.endswith(CLASSIFIER_SUFFIXES):
+        return True
+    try:
+        base = transformers.MODEL_MAPPING[type(config)]
+    except KeyError:
+        base = None
+    if cls is transformers.AutoModel or cls is base:
+        return False
+    base_name = base.__name__ if base is not None else "the base model class"
+    raise SourceError(
+        f"{directory}: {cls.__name__} (config.json 'architectures') has a task head edgec does "
+        f"not export; edgec takes the base model ({base_name}) and classifiers "
+        f"(...{', ...'.join(CLASSIFIER_SUFFIXES)}). To export the encoder under this head, set "
+        f'"architectures": ["{base_name}"] in config.json'
+    )
 
 
 def _text_spec(
@@ -166,13 +198,13 @@ def load_model(source: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]:
         raise SourceError(f"cannot read the model config in {directory}: {exc}") from exc
     family = family_of(config.model_type)
     cls = _model_class(config)
+    classifier = _is_classifier(cls, config, directory)
     try:
         model = cls.from_pretrained(directory, local_files_only=True, attn_implementation="eager")
     except (OSError, ValueError, RuntimeError) as exc:
         raise SourceError(f"cannot load the model weights in {directory}: {exc}") from exc
     model.eval()
 
-    classifier = cls.__name__.endswith(("ForSequenceClassification", "ForImageClassification"))
     if family == "vit":
         inputs, pre = _image_spec(directory, config)
         hidden_shape: tuple[int | str, ...] = ("batch", "tokens", int(config.hidden_size))
