@@ -177,5 +177,5 @@ def test_cli_off_domain_file_is_used_and_shown(wide_bert, text_calibration, othe
     plain = runner.invoke(cli, [*base, "-o", str(tmp_path / "e")])
     assert plain.exit_code == 0 and "off-domain" not in plain.stdout
     missing = runner.invoke(cli, [*base, "-o", str(tmp_path / "f"), "--off-domain", "nope.txt"])
-    assert isinstance(missing.exception, InputError)  # a one-line error through edgec.cli.main
-    assert "off-domain data 'nope.txt' does not exist" in str(missing.exception)
+    assert missing.exit_code == InputError.exit_code  # one line on stderr, edgec's exit code
+    assert "error: off-domain data 'nope.txt' does not exist" in missing.stderr

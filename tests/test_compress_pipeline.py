@@ -87,7 +87,11 @@ def test_cli_compress_table_and_json(wide_bert, text_calibration, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [s["step"] for s in data["steps"]] == ["original", "prune", "quantize"]
-    assert data["steps"][1]["heads_kept"] == [3, 3] or sum(data["steps"][1]["heads_kept"]) == 6
+    prune = data["steps"][1]
+    kept, removed = prune["heads_kept"], prune["details"]["heads_removed"]
+    assert sum(kept) == 6  # a quarter of wide_bert's 2 x 4 heads go, ranked across layers
+    assert all(1 <= k <= 4 for k in kept)  # so one layer may keep more than another
+    assert [4 - len(r) for r in removed] == kept  # the counts agree with the heads named
     assert "held out" in data["notes"][0]
     table = runner.invoke(
         cli,
@@ -211,7 +215,9 @@ def test_minilm_pruned_int8_package_keeps_the_embeddings(tmp_path):
     recipe = Recipe(
         name="light", steps=(PruneStep(heads=1 / 12, importance="magnitude"), QuantizeStep())
     )
-    result = compress("minilm", recipe, tmp_path / "ckpt")
+    # predict_memory=False: the trial export would export minilm a second time for a figure
+    # this test does not read
+    result = compress("minilm", recipe, tmp_path / "ckpt", predict_memory=False)
     assert "bundled sample" in result.notes[0]
     assert sum(result.final.heads_kept) == 66
     assert result.final.fidelity.cos_mean > 0.9  # lossy; on the 200 held-out sentences
