@@ -33,22 +33,19 @@ from edgec.exporters import export
 from edgec.exporters.partition import partition_package, planning_feeds
 from edgec.runtimes import load_package
 from edgec.runtimes.devices import DeviceSet, Link
-from edgec.runtimes.executor import Executor
 from edgec.runtimes.profiler import profile_device
 
 
-def emulated_ms(package: Path, devices: DeviceSet, feeds: dict, repeats: int) -> float:  # type: ignore[type-arg]
+def emulated_ms(package: Path, feeds: dict, repeats: int) -> float:  # type: ignore[type-arg]
     """Median end-to-end ms of one request with the links emulated."""
-    runtime = load_package(package)
-    used = {s.device for s in runtime.manifest.stages}
-    executor = Executor(runtime.manifest, runtime._backend, devices.network(used))
-    executor.run(feeds)  # warm-up
+    runtime = load_package(package, emulate_links=True)
+    runtime.run(feeds)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        executor.run(feeds)
+        runtime.run(feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    executor.close()
+    runtime.close()
     return float(np.median(times))
 
 
@@ -119,7 +116,7 @@ def main() -> None:
         print(f"• {name}")
         out = work / f"split-{len(rows)}"
         result = partition_package(work / "whole", out, devices, **options)  # type: ignore[arg-type]
-        measured = emulated_ms(out, devices, feeds, args.repeats)
+        measured = emulated_ms(out, feeds, args.repeats)
         across = sum(e["bytes"] for e in result.manifest.edges if e["from"] != "input")
         rows.append(
             {

@@ -146,6 +146,12 @@ def _describe(name: str, value: np.ndarray) -> list[Any]:
 )
 @click.option("--backend", default="local", show_default=True, help="Where stages run.")
 @click.option("--address", default=None, help="Ray cluster HOST:PORT (with --backend ray).")
+@click.option(
+    "--emulate-links",
+    is_flag=True,
+    help="Wait, at each crossing between devices, what the planned links would take "
+    "(latency + bytes / bandwidth), and report the time end to end.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(
     package: Path,
@@ -155,15 +161,40 @@ def run(
     save: Path | None,
     backend: str,
     address: str | None,
+    emulate_links: bool,
     as_json: bool,
 ) -> None:
     """Run PACKAGE on text, images or raw tensors and print the outputs."""
+    import time
+
     from edgec.runtimes import load_package
 
     given = sum(bool(x) for x in (texts, inputs, images))
     if given != 1:
         raise click.UsageError("give exactly one of --text, --input or --images")
-    runtime = load_package(package, backend=backend, **({"address": address} if address else {}))
+    options = {"address": address} if address else {}
+    runtime = load_package(package, backend=backend, emulate_links=emulate_links, **options)
+    if emulate_links:
+        started = time.perf_counter()
+        _run_and_print(runtime, texts, inputs, images, save, as_json)
+        elapsed = (time.perf_counter() - started) * 1e3
+        sent = runtime.link_traffic
+        moved = ", ".join(f"{a}→{b} {human_bytes(n)}" for (a, b), n in sorted(sent.items()))
+        click.echo(
+            f"• links emulated: {elapsed:.1f} ms end to end; {moved or 'nothing crossed'}", err=True
+        )
+        return
+    _run_and_print(runtime, texts, inputs, images, save, as_json)
+
+
+def _run_and_print(
+    runtime: Any,
+    texts: tuple[str, ...],
+    inputs: Path | None,
+    images: Path | None,
+    save: Path | None,
+    as_json: bool,
+) -> None:
     post = runtime.manifest.postprocessing
     if inputs is not None:
         outputs = runtime.run(_read_feeds(inputs))

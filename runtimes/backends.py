@@ -21,6 +21,18 @@ from edgec.errors import DeviceError, InputError, PackageError
 
 Feeds = dict[str, np.ndarray]
 
+# What onnxruntime raises on a model it cannot load or run (InvalidProtobuf, InvalidGraph,
+# Fail, ...; each derives from Exception alone), and the UnicodeDecodeError its Python layer
+# raises on some corrupted files.
+ONNXRUNTIME_ERRORS: tuple[type[Exception], ...] = (
+    *(
+        v
+        for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+        if isinstance(v, type) and issubclass(v, Exception)
+    ),
+    UnicodeDecodeError,
+)
+
 
 class Backend(Protocol):
     def run_stage(self, stage: str, feeds: Feeds) -> Feeds: ...
@@ -73,13 +85,19 @@ def open_session(package: Package, stage: StageInfo) -> ort.InferenceSession:
             f"device {device.name!r} asks for providers {missing} that this onnxruntime lacks "
             f"(available: {sorted(available)})"
         )
-    return create_session(
-        package.path(stage.file),
-        session_options(device),
-        list(device.providers),
-        None if stage.weights is None else package.path(stage.weights),
-        stage.coded,
-    )
+    try:
+        return create_session(
+            package.path(stage.file),
+            session_options(device),
+            list(device.providers),
+            None if stage.weights is None else package.path(stage.weights),
+            stage.coded,
+        )
+    except ONNXRUNTIME_ERRORS as exc:
+        raise PackageError(
+            f"onnxruntime cannot load stage {stage.name!r} ({stage.file!r}) of package "
+            f"{str(package.root)!r}: {str(exc).strip()}"
+        ) from exc
 
 
 class LocalBackend:
@@ -95,6 +113,8 @@ class LocalBackend:
             values = session.run(names, feeds)
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ValueError) as exc:
             raise InputError(f"stage {stage!r} rejected its inputs: {exc}") from exc
+        except ONNXRUNTIME_ERRORS as exc:  # the model itself fails: a corrupted stage file
+            raise PackageError(f"stage {stage!r} failed in onnxruntime: {exc}") from exc
         return dict(zip(names, values, strict=True))
 
     def close(self) -> None:

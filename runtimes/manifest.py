@@ -323,6 +323,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # The bytes each compressed file of ``files`` inflates to (``.gz``; see DEFAULT_INFLATED_LIMIT)
     inflated: dict[str, int] = field(default_factory=dict)
+    # Where requests enter, where results go, and the links between the stages' devices, as
+    # the split was planned for (``edgec.runtimes.network.Network``); None for one device.
+    network: dict[str, Any] | None = None
 
     def input(self, name: str) -> TensorInfo:
         for info in self.inputs:
@@ -353,6 +356,7 @@ class Manifest:
             "aggregation": self.aggregation,
             "files": dict(sorted(self.files.items())),
             "inflated": dict(sorted(self.inflated.items())),
+            **({"network": self.network} if self.network is not None else {}),
             "report": self.report,
             "parity": self.parity,
         }
@@ -403,6 +407,7 @@ class Manifest:
                 aggregation=data.get("aggregation", {"kind": "none"}),
                 files=dict(data["files"]),
                 inflated=dict(data.get("inflated", {})),
+                network=data.get("network"),
                 report=data.get("report", {}),
                 parity=data.get("parity", {}),
             )

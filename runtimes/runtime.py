@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgec.runtimes.backends import Backend, Feeds, create_backend
+from edgec.runtimes.backends import ONNXRUNTIME_ERRORS, Backend, Feeds, create_backend
 from edgec.runtimes.executor import Executor
 from edgec.runtimes.manifest import (
     ClassificationPostprocessing,
@@ -19,19 +19,11 @@ from edgec.runtimes.manifest import (
     TensorInfo,
     TextPreprocessing,
 )
+from edgec.runtimes.network import Network
 from edgec.runtimes.package import Package, read_package
 from edgec.runtimes.processing import TextEncoder, encode_images, pool, softmax
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from edgec.errors import InputError, PackageError
-
-# What onnxruntime raises on a model it cannot load: its own errors (InvalidProtobuf,
-# InvalidGraph, Fail, ...; each derives from Exception alone), and UnicodeDecodeError from its
-# Python layer when a name in the graph is not UTF-8 (found by tests/test_package_fuzz.py).
-ONNXRUNTIME_ERRORS: tuple[type[Exception], ...] = (
-    *(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)),
-    UnicodeDecodeError,
-)
 
 
 @dataclass(frozen=True)
@@ -91,13 +83,28 @@ class Runtime:
     post-processing the package carries.
     """
 
-    def __init__(self, package: Package, *, backend: str = "local", **backend_options: Any):
+    def __init__(
+        self,
+        package: Package,
+        *,
+        backend: str = "local",
+        emulate_links: bool = False,
+        **backend_options: Any,
+    ):
         self.package = package
+        network = None
+        if emulate_links:
+            if package.manifest.network is None:
+                raise PackageError(
+                    "this package records no network to emulate: partition it over device "
+                    "profiles (with links) first"
+                )
+            network = Network.from_json(package.manifest.network)
         try:
             self._backend: Backend = create_backend(backend, package, **backend_options)
         except ONNXRUNTIME_ERRORS as exc:
             raise PackageError(_unloadable(package, exc)) from exc
-        self._executor = Executor(package.manifest, self._backend)
+        self._executor = Executor(package.manifest, self._backend, network)
 
     @cached_property
     def text_encoder(self) -> TextEncoder | None:
@@ -112,6 +119,12 @@ class Runtime:
     @property
     def manifest(self) -> Manifest:
         return self.package.manifest
+
+    @property
+    def link_traffic(self) -> dict[tuple[str, str], int]:
+        """Bytes that crossed each emulated link so far (``emulate_links``), by direction."""
+        emulator = self._executor.emulator
+        return dict(emulator.sent) if emulator is not None else {}
 
     @property
     def name(self) -> str:
@@ -184,11 +197,19 @@ def load_package(
     *,
     backend: str = "local",
     public_key: str | Path | None = None,
+    emulate_links: bool = False,
     **backend_options: Any,
 ) -> Runtime:
     """Verify the package at ``path`` (format version, paths, sha256) and open it for running.
 
     With ``public_key`` (an Ed25519 PEM), refuse a package whose manifest is unsigned or whose
-    signature does not verify (``SignatureError``).
+    signature does not verify (``SignatureError``). With ``emulate_links``, every crossing
+    between devices waits what the planned network's links would take (``edgec.runtimes.
+    network``): a split's end-to-end time measured on one machine.
     """
-    return Runtime(read_package(path, public_key=public_key), backend=backend, **backend_options)
+    return Runtime(
+        read_package(path, public_key=public_key),
+        backend=backend,
+        emulate_links=emulate_links,
+        **backend_options,
+    )

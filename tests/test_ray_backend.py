@@ -21,6 +21,8 @@ TIMEOUT_S = 3.0
 BOARDS = DeviceSet(
     (DeviceProfile("board-a", threads=1), DeviceProfile("board-b", threads=1)),
     (Link(("board-a", "board-b"), bandwidth_mbps=100_000, latency_ms=0.0),),
+    entry="board-a",  # requests enter on board-a and results leave from board-b:
+    exit="board-b",  # the pipeline runs a then b
 )
 
 

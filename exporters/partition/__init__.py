@@ -311,6 +311,7 @@ def partition_into(
         aggregation=dict(plan.aggregation),
         files=files,
         report=report,
+        network=devices.network(used).to_json(),
     )
 
 

@@ -78,7 +78,8 @@ def plan(ctx: Context) -> Plan:
     for k in range(2, min(len(devices), MAX_PIPELINE_STAGES) + 1):
         for order in itertools.permutations(devices, k):
             found = _cuts_for(ctx, order)
-            if found and (best is None or found[0] < best[0] - 1e-12):
+            # better by more than rounding: ties keep the earlier order (the profiles' own)
+            if found and (best is None or found[0] < best[0] - 1e-6 * max(1.0, best[0])):
                 best = (found[0], order, found[1])
     if best is None:
         if len(devices) < 2:
