@@ -5,13 +5,13 @@ numpy and tokenizers only, so a device runs them without torch.
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from edgec.runtimes.manifest import (
+    DEFAULT_INFLATED_LIMIT,
     ClassificationPostprocessing,
     EmbeddingPostprocessing,
     ImagePreprocessing,
@@ -24,14 +24,18 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
+def load_tokenizer(path: Path, limit: int = DEFAULT_INFLATED_LIMIT) -> Tokenizer:
     """A Hugging Face ``tokenizer.json``, plain or gzipped (``tokenizer.json.gz``, what export
-    writes: the vocabulary compresses to a third of its size)."""
+    writes: the vocabulary compresses to a third of its size), inflated in chunks and refused
+    past ``limit`` bytes (the size the manifest records)."""
+    from edgec.runtimes.package import read_inflated
     from tokenizers import Tokenizer
 
+    if path.suffix == ".gz":
+        text = read_inflated(path, limit, path.name)  # PackageError past the limit
     try:
         if path.suffix == ".gz":
-            return Tokenizer.from_str(gzip.decompress(path.read_bytes()).decode("utf-8"))
+            return Tokenizer.from_str(text.decode("utf-8"))
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on bad files
         raise PackageError(f"cannot load tokenizer {path.name}: {exc}") from exc
@@ -51,8 +55,10 @@ class TextEncoder:
     those of the whole text truncated at ``max_length`` (tested against the untruncated text).
     """
 
-    def __init__(self, config: TextPreprocessing, tokenizer_path: Path):
-        self._tokenizer = load_tokenizer(tokenizer_path)
+    def __init__(
+        self, config: TextPreprocessing, tokenizer_path: Path, limit: int = DEFAULT_INFLATED_LIMIT
+    ):
+        self._tokenizer = load_tokenizer(tokenizer_path, limit)
         self.vocab_size = int(self._tokenizer.get_vocab_size())
         self._tokenizer.enable_truncation(max_length=config.max_length)
         pad_id = self._tokenizer.token_to_id("[PAD]")

@@ -114,7 +114,8 @@ class Runtime:
         if not isinstance(pre, TextPreprocessing):
             return None
         # checked again here: the tokenizer may be read long after the package was verified
-        return TextEncoder(pre, self.package.recheck(pre.tokenizer))
+        limit = self.package.inflated_limit(pre.tokenizer)[0]
+        return TextEncoder(pre, self.package.recheck(pre.tokenizer), limit)
 
     @property
     def manifest(self) -> Manifest:
