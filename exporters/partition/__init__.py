@@ -87,9 +87,7 @@ def plan_model(
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     graph = analyse(proto, planning_feeds(inputs, batch, sequence), pinned)
     context = Context(graph, devices, objective, keep_input, int8_links)
-    if keep_input and not any(
-        context.fits(devices.device(context.entry), 0, stop) for stop in (1,)
-    ):
+    if keep_input and not context.fits(devices.device(context.entry), 0, 1):
         raise DeviceError(
             f"the entry device {context.entry!r} cannot hold even the first operator of the "
             "model, so the raw input cannot stay on it"
