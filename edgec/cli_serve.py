@@ -51,6 +51,12 @@ def _read_token(path: Path | None) -> str | None:
     "--max-body-mb", default=16.0, show_default=True, help="Request body limit (MB); 413."
 )
 @click.option(
+    "--body-timeout-s", default=30.0, show_default=True, help="Time to receive a body; 408."
+)
+@click.option(
+    "--max-text-chars", default=100_000, show_default=True, help="Characters in one text; 413."
+)
+@click.option(
     "--token-file",
     type=click.Path(path_type=Path),
     help="File holding a bearer token every request must carry.",
@@ -72,6 +78,8 @@ def serve_on_device(
     max_queue: int,
     timeout_s: float,
     max_body_mb: float,
+    body_timeout_s: float,
+    max_text_chars: int,
     token_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -89,6 +97,8 @@ def serve_on_device(
         max_queue=max_queue,
         request_timeout_s=timeout_s,
         max_body_bytes=int(max_body_mb * 1024 * 1024),
+        body_timeout_s=body_timeout_s,
+        max_text_chars=max_text_chars,
         token=_read_token(token_file),
     )
     progress(f"verifying and loading {package}")
