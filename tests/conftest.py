@@ -12,6 +12,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def run_edgec(*args: str):  # type: ignore[no-untyped-def]
+    """``edgec ARGS`` in this process (click's CliRunner on the group that maps every EdgecError
+    to its exit code): ``returncode``, ``stdout`` and ``stderr``, as a subprocess would give."""
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from edgec.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), prog_name="edgec")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug, not an exit code: show its traceback
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
 def _save(model, directory: Path) -> Path:  # type: ignore[no-untyped-def]
     model.save_pretrained(directory, safe_serialization=True)
     return directory

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from conftest import run_edgec
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def edgec(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgec.cli", *args], capture_output=True, text=True, timeout=600
-    )
+edgec = run_edgec  # in process: the CLI maps errors to exit codes itself
 
 
 def test_export_run_inspect(tiny_models, tmp_path):
@@ -41,7 +38,7 @@ def test_export_run_inspect(tiny_models, tmp_path):
     assert re.search(r"model\.onnx\s+[\d.]+ [KM]B\s+[\d.]+ MB", result.stdout), result.stdout
 
 
-def _one_line_error(result: subprocess.CompletedProcess[str], code: int, pattern: str) -> None:
+def _one_line_error(result: Any, code: int, pattern: str) -> None:
     assert result.returncode == code, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert re.search(pattern, lines[-1]), lines

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+from conftest import run_edgec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def edgec(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgec.cli", *args], capture_output=True, text=True, timeout=600
-    )
+edgec = run_edgec  # in process: the CLI maps errors to exit codes itself
 
 
 def _fast_pair(tmp_path: Path, memory_mb: float | None = None) -> Path:
