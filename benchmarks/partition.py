@@ -197,6 +197,16 @@ def markdown(result: dict) -> str:  # type: ignore[type-arg]
             f"{t['predicted_heads_speedup']:.2f}× | {t['heads_speedup']:.2f}× | "
             f"{t['heads_s']} s vs {t['single_s']} s |"
         )
+    lines.append(
+        "| ceiling: two independent 1-thread sessions in two threads vs one (what the cores give now) "
+        f"| 2.00× | {result['two_independent_sessions_speedup']:.2f}× | |"
+    )
+    r = result.get("ray")
+    if r:
+        lines.append(
+            f"| Ray cost per hop (local 2-node cluster, fp32 pipeline) | – | {r['ms_per_hop']} ms | "
+            f"{r['bytes_between_stages']} bytes between stages; {r['ray_ms']} ms vs {r['local_ms']} ms local per request |"
+        )
     lines += [
         "",
         f"Fidelity of the splits: min cosine of the sentence embeddings of {result['sentences']} "
@@ -213,16 +223,6 @@ def markdown(result: dict) -> str:  # type: ignore[type-arg]
                 f"| {label} | {split} | {row.get('vs_whole', '–')} | {row['vs_fp32']} | "
                 f"{row.get('raw_min_cosine', '–')} | {row.get('tolerance', '–')} |"
             )
-    lines.append(
-        "| ceiling: two independent 1-thread sessions in two threads vs one (what the cores give now) "
-        f"| 2.00× | {result['two_independent_sessions_speedup']:.2f}× | |"
-    )
-    r = result.get("ray")
-    if r:
-        lines.append(
-            f"| Ray cost per hop (local 2-node cluster, fp32 pipeline) | – | {r['ms_per_hop']} ms | "
-            f"{r['bytes_between_stages']} bytes between stages; {r['ray_ms']} ms vs {r['local_ms']} ms local per request |"
-        )
     return "\n".join(lines) + "\n"
 
 
