@@ -504,6 +504,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:
         return f"one of {list(args)}"
+    if origin is list:
+        return f"a list (of {_describe(args[0])})"
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list (of {_describe(args[0])})"
@@ -537,7 +539,11 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
     if origin is Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and is_dataclass(options[0]):  # say what is wrong inside it
+            _check_value(value, options[0], where)
+            return
+        for option in options:
             try:
                 _check_value(value, option, where)
                 return
@@ -547,6 +553,12 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
     if origin is Literal:
         if not any(type(value) is type(a) and value == a for a in args):
             raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
+        for index, item in enumerate(value):
+            _check_value(item, args[0], f"{where}[{index}]")
         return
     if origin is tuple:
         if not isinstance(value, list):

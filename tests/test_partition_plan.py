@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -204,3 +205,27 @@ def test_plans_print_save_and_diff(bert_package, tmp_path):
     assert plan.diff(other) == ["strategy: pipeline -> data"]
     assert "assumed:" in text  # unmeasured devices are called out
     assert yaml.safe_load(yaml.safe_dump(plan.to_json()))["strategy"] == "pipeline"
+
+
+def test_a_malformed_plan_file_is_refused_naming_the_field(bert_package, tmp_path):
+    import json
+
+    devices = DeviceSet((DeviceProfile("a"), DeviceProfile("b")), FAST_LINK)
+    _plan(bert_package, devices, "heads").save(tmp_path / "plan.json")
+    good = json.loads((tmp_path / "plan.json").read_text())
+    cases = {
+        "stages[0].start must be an integer": lambda d: d["stages"][0].update(start="0"),
+        "objective must be one of": lambda d: d.update(objective="fastest"),
+        "unknown keys ['devicez']": lambda d: d["stages"][0].update(devicez="a"),
+        "lacks 'strategy'": lambda d: d.pop("strategy"),
+        "slice.span must be": lambda d: next(s for s in d["stages"] if s["slice"])["slice"].update(
+            span=[0]
+        ),
+    }
+    for message, mutate in cases.items():
+        data = json.loads(json.dumps(good))
+        mutate(data)
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(DeviceError, match=re.escape(message)):
+            Plan.load(tmp_path / "bad.json")
+    assert Plan.load(tmp_path / "plan.json") == Plan.from_json(good)

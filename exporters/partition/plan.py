@@ -145,7 +145,18 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Plan:
+    def from_json(cls, data: dict[str, Any], where: str = "plan") -> Plan:
+        """A plan from its JSON; ``DeviceError`` naming the field (``where.stages[0].start``)
+        for a value of the wrong type, an unknown key or a missing one: the dataclasses'
+        annotations are the schema (``edgec.runtimes.manifest.check_json``)."""
+        from edgec.runtimes.manifest import check_json
+
+        from edgec.errors import PackageError
+
+        try:
+            check_json(data, cls, where)
+        except PackageError as exc:
+            raise DeviceError(str(exc)) from None
         stages = tuple(
             StagePlan(
                 **{
@@ -173,9 +184,10 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         try:
-            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
             raise DeviceError(f"cannot read plan {str(path)!r}: {exc}") from exc
+        return cls.from_json(data, str(path))
 
     def format(self) -> str:
         """The plan as tables: stages, then the cuts and the end-to-end prediction."""
