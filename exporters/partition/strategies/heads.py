@@ -95,7 +95,11 @@ def _unit_counts(shares: list[float], capped: list[int], units: int) -> list[int
     """Whole units per device: capped devices rounded down (their memory allows no more),
     the rest by largest remainder."""
     counts = [int(s * units + 1e-9) if i in capped else 0 for i, s in enumerate(shares)]
-    free = [i for i in range(len(shares)) if i not in capped]
+    # every device at its cap: the units rounding left over go where shares say (the memory
+    # check after the split then says whether they fit)
+    free = [i for i in range(len(shares)) if i not in capped] or list(range(len(shares)))
+    if len(free) == len(shares):
+        counts = [0] * len(shares)
     left = units - sum(counts)
     total = sum(shares[i] for i in free) or 1.0
     exact = {i: left * shares[i] / total for i in free}
