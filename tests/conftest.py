@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +228,7 @@ def minilm_lowbit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 # --- every architecture through every recipe (issue 12) -----------------------------------
 
 MATRIX_ARCHS = ("minilm", "roberta", "distilbert", "vit")
+RANDOM_ARCHS = ("roberta", "distilbert", "vit")  # random-initialised, built by the fixture
 MATRIX_RECIPES = ("fp32", "int8", "balanced", "smallest")
 MATRIX_EXAMPLES = 160  # calibration examples per random model (128 calibrate, 32 held out)
 MATRIX_VOCAB = 200
@@ -270,10 +273,12 @@ class PackageMatrix:
 
     ``get(arch, recipe)`` -> the unsplit package directory. Random models (``roberta``,
     ``distilbert``, ``vit``: see ``_matrix_model``) are compressed with the built-in recipes
-    unchanged (``BUILTIN_RECIPES``: distillation steps included; each cell takes seconds on 2
-    cores), calibrated on ``MATRIX_EXAMPLES`` random token sequences (ids 3..199: no special
-    tokens) or random images. 40 examples were too few: 400 distillation steps on 32 of them
-    overfit, and held-out fidelity fell during the distillation.
+    unchanged (``BUILTIN_RECIPES``: distillation steps included), calibrated on
+    ``MATRIX_EXAMPLES`` random token sequences (ids 3..199: no special tokens) or random images.
+    40 examples were too few: 400 distillation steps on 32 of them overfit, and held-out
+    fidelity fell during the distillation. Built on one torch thread (``_torch_threads``), a
+    cell took 3 to 15 s and the 12 random cells 111 s together, on 2 cores shared with other
+    work (load 2.8); on two threads, 407 s.
 
     ``minilm`` is the real model, compressed at most once per run: ``fp32`` is
     ``minilm_package``, ``balanced`` is ``minilm_lowbit``'s package (balanced's encodings, without
@@ -301,7 +306,8 @@ class PackageMatrix:
             )
         if (arch, recipe) not in self._packages:
             started = time.perf_counter()
-            self._packages[arch, recipe] = self._build(arch, recipe)
+            with _torch_threads(1 if arch in RANDOM_ARCHS else None):
+                self._packages[arch, recipe] = self._build(arch, recipe)
             self.seconds[arch, recipe] = time.perf_counter() - started
         return self._packages[arch, recipe]
 
@@ -365,6 +371,32 @@ class PackageMatrix:
         compress(model, recipe, checkpoint, calib=self._calibration(arch), predict_memory=False)
         export(checkpoint, package)
         return package
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block (None: left as they are).
+
+    The random models' matrices are too small for two threads to pay, and while the CPU is
+    shared two threads wait on each other at every op: 100 distillation steps of the matrix's
+    RoBERTa took 2.5 s on one thread and 14 to 66 s on two, here at a load of 3.3 on 2 cores.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread for the test, as ``package_matrix`` builds its random cells."""
+    with _torch_threads(1):
+        yield
 
 
 def _matrix_arrays(arch: str, count: int, seed: int) -> dict[str, np.ndarray]:
