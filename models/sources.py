@@ -103,6 +103,7 @@ def _is_classifier(cls: Any, config: Any, directory: Path) -> bool:
 
     if cls.__name__.endswith(CLASSIFIER_SUFFIXES):
         return True
+    base: Any
     try:
         base = transformers.MODEL_MAPPING[type(config)]
     except KeyError:
