@@ -110,8 +110,9 @@ def run_groups(executor: Executor, feeds: Feeds) -> Feeds:
             executor.arrive(tensors, stages[0].inputs, stages[0].device, where)
             made = _run_stage(executor.backend, stages[0], tensors)
             tensors.update(made)
-            coordinator = stages[0].device
-            where.update(dict.fromkeys(made, coordinator))
+            if stages[0].units is None:  # a shared part, not a block's only slice
+                coordinator = stages[0].device
+            where.update(dict.fromkeys(made, stages[0].device))
             continue
         parts = [job.result() for job in [executor.pool.submit(run_slice, s) for s in stages]]
         for name in parts[0]:
