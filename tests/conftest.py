@@ -92,28 +92,23 @@ def bert_package(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str
 
 
 class RunningServer:
-    """A real uvicorn server on a free loopback port, in a thread of this process."""
+    """A real uvicorn server on a free loopback port, in a thread of this process, configured
+    as ``serve-on-device`` configures it (``edgec.runtimes.server.serve.uvicorn_config``)."""
 
     def __init__(self, app, *, tls_cert=None, tls_key=None):  # type: ignore[no-untyped-def]
         import threading
 
         import uvicorn
         from edgec.runtimes.server import bind
+        from edgec.runtimes.server.serve import uvicorn_config
 
         self.app = app
         self._sock = bind("127.0.0.1", 0)
-        port = self._sock.getsockname()[1]
+        self.port = self._sock.getsockname()[1]
         scheme = "https" if tls_cert else "http"
-        self.url = f"{scheme}://127.0.0.1:{port}"
-        self.address = f"127.0.0.1:{port}"
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            ssl_certfile=tls_cert,
-            ssl_keyfile=tls_key,
-            timeout_graceful_shutdown=10,
-        )
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"
+        config = uvicorn_config(app, tls_cert=tls_cert, tls_key=tls_key, graceful_timeout_s=10)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True

@@ -19,45 +19,20 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from conftest import RunningServer
 from edgec.models.data import bundled_sentences
 from edgec.runtimes import load_package
 from edgec.runtimes.processing import load_tokenizer
-from edgec.runtimes.server import ServedModel, ServerConfig, bind, create_app
+from edgec.runtimes.server import ServedModel, ServerConfig, create_app
 from edgec.runtimes.server.guard import Guard
-from edgec.runtimes.server.serve import uvicorn_config
 
 pytestmark = pytest.mark.slow
 
 MB = 1_000_000
 
 
-class Server:
-    """``app`` under uvicorn as serve-on-device configures it, on a free loopback port."""
-
-    def __init__(self, app):  # type: ignore[no-untyped-def]
-        self.app = app
-        self._sock = bind("127.0.0.1", 0)
-        self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, graceful_timeout_s=10))
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=30)
-        self._sock.close()
+class Server(RunningServer):
+    """The shared test server, with helpers to send requests as they come and as bytes."""
 
     def infer(self, body: object, **options: object) -> httpx.Response:
         options.setdefault("timeout", 60)
