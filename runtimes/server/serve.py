@@ -76,6 +76,7 @@ def uvicorn_config(
     return uvicorn.Config(
         app,
         http=http_protocol(),
+        ws="none",  # the protocol is plain HTTP; no websocket handler to expose or import
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
         log_level="warning",
