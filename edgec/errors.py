@@ -65,3 +65,8 @@ class SignatureError(PackageError):
     """A package signature is missing, malformed or does not verify."""
 
     exit_code = 10
+
+
+class SecretsError(DeviceError):
+    """Cluster secrets (token, CA, device certificates) are missing, malformed, not private
+    (mode 0600, directories 0700), or name no such device. Exits as a ``DeviceError``."""
