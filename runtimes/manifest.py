@@ -6,15 +6,13 @@ reads it; neither builds manifest dicts by hand. It imports numpy only (the devi
 
 from __future__ import annotations
 
-import math
-import types
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
-from functools import cache
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from edgec.runtimes.lowbit import CodedWeight
 
 from edgec.errors import PackageError
+from edgec.schema import JSON_KINDS, check_json, check_unicode, shown
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -136,11 +134,11 @@ def _processing_from_json(data: Any, registry: dict[str, type], what: str) -> An
     if data is None:
         return None
     if not isinstance(data, dict):
-        raise PackageError(f"manifest.json.{what} must be an object or null, got {_shown(data)}")
+        raise PackageError(f"manifest.json.{what} must be an object or null, got {shown(data)}")
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in registry:
-        raise PackageError(f"unknown {what} kind {_shown(kind)}; known: {sorted(registry)}")
-    check_json(data, registry[kind], f"manifest.json.{what}")
+        raise PackageError(f"unknown {what} kind {shown(kind)}; known: {sorted(registry)}")
+    check_json(data, registry[kind], f"manifest.json.{what}", error=PackageError)
     return registry[kind](**_tupled(data))
 
 
@@ -153,6 +151,8 @@ class DeviceInfo:
     threads: int = 0
     memory_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    __json_extra__ = "extra"  # the JSON object's other keys (a device profile's figures)
 
     def __post_init__(self) -> None:
         if not 0 <= self.threads <= MAX_THREADS:
@@ -372,18 +372,18 @@ class Manifest:
         if type(version) is not int:  # bool is an int to Python, never to the format
             raise PackageError(
                 f"manifest.json.format_version must be an integer, one of {supported}; got "
-                f"{_shown(version)} ({_JSON_KINDS.get(type(version), 'another value')})"
+                f"{shown(version)} ({JSON_KINDS.get(type(version), 'another value')})"
             )
         if version not in SUPPORTED_FORMAT_VERSIONS:
             raise PackageError(
-                f"package format_version {_shown(version)} is not supported by this edgec "
+                f"package format_version {shown(version)} is not supported by this edgec "
                 f"(supported: {supported}); upgrade edgec or re-export the package"
             )
-        _check_unicode(data)
-        check_json(data, cls, "manifest.json", skip=_CHECKED_APART)
+        check_unicode(data, "manifest.json", error=PackageError)
+        check_json(data, cls, "manifest.json", error=PackageError, skip=_CHECKED_APART)
         execution = data.get("execution")
         if execution is not None and not isinstance(execution, str):
-            raise PackageError(f"manifest.json.execution must be a string, got {_shown(execution)}")
+            raise PackageError(f"manifest.json.execution must be a string, got {shown(execution)}")
         _check_manifest_values(data)
         try:
             return cls(
@@ -421,27 +421,6 @@ class Manifest:
 _CHECKED_APART = frozenset({"format_version", "preprocessing", "postprocessing", "execution"})
 
 
-def _check_unicode(data: Any) -> None:
-    """Refuse a string that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800``
-    escape makes), anywhere: no file name, message or output could hold it."""
-    stack: list[tuple[Any, str]] = [(data, "manifest.json")]
-    while stack:
-        node, where = stack.pop()
-        if isinstance(node, dict):
-            stack.extend((key, f"a key of {where}") for key in node)
-            stack.extend((value, f"{where}.{key}") for key, value in node.items())
-        elif isinstance(node, list):
-            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
-        elif isinstance(node, str):
-            try:
-                node.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise PackageError(
-                    f"{where} holds {node[exc.start]!r} at character {exc.start}, a lone "
-                    "surrogate: not valid Unicode"
-                ) from exc
-
-
 def _check_manifest_values(data: dict[str, Any]) -> None:
     """What types alone do not say: stages exist, names are unique, sizes are in range."""
     if not data["stages"]:
@@ -459,157 +438,4 @@ def _check_manifest_values(data: dict[str, Any]) -> None:
             )
     kind = data.get("aggregation", {}).get("kind", "none")
     if not isinstance(kind, str):
-        raise PackageError(f"manifest.json.aggregation.kind must be a string, got {_shown(kind)}")
-
-
-# --- the JSON form of the dataclasses above ------------------------------------------------
-#
-# Each dataclass here is its own schema: its JSON object holds its fields, and a field's
-# annotation says which JSON values it takes (``check_json``). So the types are stated once.
-
-_INT_LIMIT = 1 << 63  # integers must fit in int64, as onnxruntime and numpy take them
-_JSON_KINDS = {
-    bool: "a boolean",
-    float: "a number with a fraction or exponent",
-    str: "a string",
-    list: "a list",
-    dict: "an object",
-    type(None): "missing or null",
-}
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _shown(value: Any) -> str:
-    """``value`` for an error message: short, and never the whole of a huge one."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT:
-        return f"an integer of {value.bit_length()} bits"
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # an integer too long to print, a deep nesting
-        text = f"<{type(value).__name__}>"
-    if len(text) <= 60:
-        return text
-    kinds: dict[type, str] = {dict: "an object", list: "a list", str: "a string"}
-    kind = kinds.get(type(value), "a value")
-    return f"{kind} of {len(text)} characters ({text[:40]}...)"
-
-
-def _describe(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Union or origin is types.UnionType:
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return f"one of {list(args)}"
-    if origin is list:
-        return f"a list (of {_describe(args[0])})"
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list (of {_describe(args[0])})"
-        return f"a list of {len(args)} items ({', '.join(_describe(a) for a in args)})"
-    if origin is dict or is_dataclass(hint):
-        return "an object"
-    names = {
-        bool: "true or false",
-        int: "an integer in int64",
-        float: "a finite number",
-        str: "a string",
-    }
-    return names.get(hint, "null" if hint is type(None) else "any value")
-
-
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether a scalar JSON value has the form of ``hint`` (bool, int, float or str)."""
-    if hint is bool or hint is str:
-        return isinstance(value, hint)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    if isinstance(value, int):
-        return -_INT_LIMIT <= value < _INT_LIMIT
-    return hint is float and math.isfinite(value)
-
-
-def _check_value(value: Any, hint: Any, where: str) -> None:
-    if hint is Any:
-        return
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1 and is_dataclass(options[0]):  # say what is wrong inside it
-            _check_value(value, options[0], where)
-            return
-        for option in options:
-            try:
-                _check_value(value, option, where)
-                return
-            except PackageError:
-                continue
-        raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
-    if origin is Literal:
-        if not any(type(value) is type(a) and value == a for a in args):
-            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
-        return
-    if origin is list:
-        if not isinstance(value, list):
-            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
-        for index, item in enumerate(value):
-            _check_value(item, args[0], f"{where}[{index}]")
-        return
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            for index, item in enumerate(value):
-                _check_value(item, args[0], f"{where}[{index}]")
-            return
-        if len(value) != len(args):
-            raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
-        for index, (item, item_hint) in enumerate(zip(value, args, strict=True)):
-            _check_value(item, item_hint, f"{where}[{index}]")
-        return
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise PackageError(f"{where} must be an object, got {_shown(value)}")
-        for key, item in value.items():
-            _check_value(item, args[1], f"{where}[{key!r}]")
-        return
-    if isinstance(hint, type) and is_dataclass(hint):
-        check_json(value, hint, where)
-        return
-    if hint not in (bool, int, float, str):
-        raise TypeError(f"internal: no JSON form for {hint!r} at {where}")
-    if not _conforms(value, hint):
-        raise PackageError(f"{where} must be {_describe(hint)}, got {_shown(value)}")
-
-
-# Dataclasses whose JSON object keeps keys beyond its fields, and the fields it does not hold.
-_OPEN: dict[type, frozenset[str]] = {DeviceInfo: frozenset({"extra"})}
-
-
-def check_json(data: Any, cls: type, where: str, *, skip: frozenset[str] = frozenset()) -> None:
-    """Refuse ``data`` (parsed JSON) unless it is an object holding ``cls``'s fields, each of the
-    JSON form of its annotation, every field without a default present and no unknown key
-    (``PackageError`` naming the field as ``where.field[index]``). ``skip`` names fields the
-    caller checks itself."""
-    if not isinstance(data, dict):
-        raise PackageError(f"{where} must be an object, got {_shown(data)}")
-    hints = _hints(cls)
-    apart = skip | _OPEN.get(cls, frozenset())
-    known = {f.name for f in fields(cls)} - _OPEN.get(cls, frozenset())
-    for f in fields(cls):
-        if f.name in apart:
-            continue
-        if f.name not in data:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise PackageError(f"{where} lacks {f.name!r}")
-            continue
-        _check_value(data[f.name], hints[f.name], f"{where}.{f.name}")
-    if cls not in _OPEN:
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PackageError(f"{where} has unknown keys {unknown}; known: {sorted(known)}")
+        raise PackageError(f"manifest.json.aggregation.kind must be a string, got {shown(kind)}")

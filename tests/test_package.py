@@ -425,9 +425,11 @@ def test_every_manifest_field_has_a_json_form():
     """``Manifest.from_json`` checks each field by its annotation: a field added with a type the
     checker has no JSON form for must fail here, not at load time."""
     from dataclasses import fields
+    from typing import get_type_hints
 
     from edgec.runtimes import manifest as m
     from edgec.runtimes.lowbit import CodedWeight
+    from edgec.schema import describe
 
     classes = (
         m.Manifest,
@@ -441,8 +443,8 @@ def test_every_manifest_field_has_a_json_form():
         CodedWeight,
     )
     for cls in classes:
-        hints = m._hints(cls)
+        hints = get_type_hints(cls)
         for f in fields(cls):
             if f.name in ("preprocessing", "postprocessing", "extra") or hints[f.name] is Any:
                 continue
-            assert "any value" not in m._describe(hints[f.name]), (cls.__name__, f.name)
+            assert "any value" not in describe(hints[f.name]), (cls.__name__, f.name)

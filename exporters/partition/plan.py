@@ -148,15 +148,10 @@ class Plan:
     def from_json(cls, data: dict[str, Any], where: str = "plan") -> Plan:
         """A plan from its JSON; ``DeviceError`` naming the field (``where.stages[0].start``)
         for a value of the wrong type, an unknown key or a missing one: the dataclasses'
-        annotations are the schema (``edgec.runtimes.manifest.check_json``)."""
-        from edgec.runtimes.manifest import check_json
+        annotations are the schema (``edgec.schema.check_json``)."""
+        from edgec.schema import check_json
 
-        from edgec.errors import PackageError
-
-        try:
-            check_json(data, cls, where)
-        except PackageError as exc:
-            raise DeviceError(str(exc)) from None
+        check_json(data, cls, where, error=DeviceError)
         stages = tuple(
             StagePlan(
                 **{
