@@ -32,6 +32,7 @@ from edgec.runtimes.manifest import DeviceInfo
 from edgec.runtimes.network import Network
 
 from edgec.errors import DeviceError
+from edgec.schema import check_json
 
 MB = 1_000_000  # memory_mb counts decimal megabytes, as package sizes do
 # Used only where a profile states no measurement; the plan reports that it assumed them.
@@ -44,8 +45,6 @@ ASSUMED = {
 }
 ASSUMED_LINK = {"bandwidth_mbps": 1000.0, "latency_ms": 0.1}
 CURVES = {"gflops_fp32": "matmul_fp32_curve", "gops_int8": "matmul_int8_curve"}
-_DEVICE_KEYS = {"name", "providers", "threads", "memory_mb", *ASSUMED, *CURVES.values()}
-_LINK_KEYS = {"between", "bandwidth_mbps", "latency_ms"}
 
 
 def _positive(owner: str, key: str, value: Any, *, allow_none: bool = True) -> float | None:
@@ -54,13 +53,6 @@ def _positive(owner: str, key: str, value: Any, *, allow_none: bool = True) -> f
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise DeviceError(f"{owner}: {key} must be a positive number, got {value!r}")
     return float(value)
-
-
-def _curve(points: Any) -> tuple[tuple[float, float], ...]:
-    try:
-        return tuple((float(mflop), float(speed)) for mflop, speed in points or ())
-    except (TypeError, ValueError):
-        raise DeviceError(f"a matmul curve needs [mflop, gflops] pairs, got {points!r}") from None
 
 
 @dataclass(frozen=True)
@@ -141,26 +133,16 @@ class DeviceProfile:
         return DeviceInfo(self.name, self.providers, self.threads, self.memory_mb, extra)
 
     @classmethod
-    def from_json(cls, data: Any) -> DeviceProfile:
-        if not isinstance(data, dict) or "name" not in data:
-            raise DeviceError(f"a device entry must be a mapping with a name, got {data!r}")
-        unknown = sorted(set(data) - _DEVICE_KEYS)
-        if unknown:
-            raise DeviceError(
-                f"device {data['name']!r}: unknown field(s) {unknown}; known: {sorted(_DEVICE_KEYS)}"
-            )
+    def from_json(cls, data: Any, where: str = "device") -> DeviceProfile:
+        """A device from its JSON/YAML; ``DeviceError`` naming the field for a value of the
+        wrong form or an unknown key (the annotations are the schema: ``edgec.schema``)."""
+        check_json(data, cls, where, error=DeviceError)
         return cls(
-            name=data["name"],
-            providers=tuple(data.get("providers", ("CPUExecutionProvider",))),
-            threads=data.get("threads", 0),
-            memory_mb=data.get("memory_mb"),
-            gflops_fp32=data.get("gflops_fp32"),
-            gops_int8=data.get("gops_int8"),
-            memory_gbps=data.get("memory_gbps"),
-            op_overhead_us=data.get("op_overhead_us"),
-            stage_overhead_us=data.get("stage_overhead_us"),
-            matmul_fp32_curve=_curve(data.get("matmul_fp32_curve")),
-            matmul_int8_curve=_curve(data.get("matmul_int8_curve")),
+            **{
+                **data,
+                "providers": tuple(data.get("providers", ("CPUExecutionProvider",))),
+                **{k: tuple(map(tuple, data.get(k, ()))) for k in CURVES.values()},
+            }
         )
 
 
@@ -169,8 +151,8 @@ class Link:
     """A network link between two devices: bandwidth in megabits/s, latency in ms."""
 
     between: tuple[str, str]
-    bandwidth_mbps: float
-    latency_ms: float
+    bandwidth_mbps: float = ASSUMED_LINK["bandwidth_mbps"]
+    latency_ms: float = ASSUMED_LINK["latency_ms"]
 
     def __post_init__(self) -> None:
         owner = f"link {list(self.between)}"
@@ -266,36 +248,20 @@ class DeviceSet:
         return data
 
     @classmethod
-    def from_json(cls, data: Any) -> DeviceSet:
-        if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
-            raise DeviceError("a device profile file must be a mapping with a 'devices' list")
-        unknown = sorted(set(data) - {"devices", "links", "entry", "exit"})
-        if unknown:
-            raise DeviceError(
-                f"unknown key(s) {unknown} in the device profiles; known: devices, links, "
-                "entry (where requests enter), exit (where results go)"
-            )
-        links = []
-        for entry in data.get("links") or []:
-            if not isinstance(entry, dict) or set(entry) - _LINK_KEYS or "between" not in entry:
-                raise DeviceError(f"a link must have keys {sorted(_LINK_KEYS)}, got {entry!r}")
-            between = entry["between"]
-            if not isinstance(between, list | tuple) or len(between) != 2:
-                raise DeviceError(f"link 'between' must name two devices, got {between!r}")
-            links.append(
-                Link(
-                    between=(str(between[0]), str(between[1])),
-                    bandwidth_mbps=entry.get("bandwidth_mbps", ASSUMED_LINK["bandwidth_mbps"]),
-                    latency_ms=entry.get("latency_ms", ASSUMED_LINK["latency_ms"]),
-                )
-            )
-        ends = {}
-        for key in ("entry", "exit"):
-            value = data.get(key)
-            if value is not None and not isinstance(value, str):
-                raise DeviceError(f"{key} must name a device, got {value!r}")
-            ends[key] = value
-        return cls(tuple(DeviceProfile.from_json(d) for d in data["devices"]), tuple(links), **ends)
+    def from_json(cls, data: Any, where: str = "device profiles") -> DeviceSet:
+        """Devices, links, entry and exit from a profile file's JSON/YAML; ``DeviceError``
+        naming the field (``devices.yaml.devices[1].threads``) for anything of the wrong form."""
+        if isinstance(data, dict) and data.get("links", ()) is None:
+            data = {**data, "links": []}  # YAML's `links:` with nothing under it
+        check_json(data, cls, where, error=DeviceError)
+        devices = tuple(
+            DeviceProfile.from_json(d, f"{where}.devices[{i}]")
+            for i, d in enumerate(data["devices"])
+        )
+        links = tuple(
+            Link(**{**link, "between": tuple(link["between"])}) for link in data.get("links", ())
+        )
+        return cls(devices, links, data.get("entry"), data.get("exit"))
 
 
 def load_devices(path: str | Path) -> DeviceSet:
@@ -307,7 +273,7 @@ def load_devices(path: str | Path) -> DeviceSet:
         raise DeviceError(f"cannot read device profiles {str(file)!r}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise DeviceError(f"{file}: not valid YAML ({exc})") from exc
-    return DeviceSet.from_json(data)
+    return DeviceSet.from_json(data, file.name)
 
 
 def save_devices(devices: DeviceSet, path: str | Path) -> None:

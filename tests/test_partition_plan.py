@@ -40,12 +40,26 @@ def test_the_minimum_schema_loads(tmp_path):
         ("devices: []", "at least one device"),
         ("devices: [{name: a, threads: -1}]", "threads must be an integer >= 0"),
         ("devices: [{name: a, memory_mb: 0}]", "memory_mb must be a positive number, got 0"),
-        ("devices: [{name: a, speed: 3}]", r"unknown field\(s\) \['speed'\]"),
+        (
+            "devices: [{name: a, speed: 3}]",
+            r"devices.yaml.devices\[0\] has unknown keys \['speed'\]; known: \[.*'gflops_fp32'",
+        ),
+        (
+            "devices: [{name: a}, {name: b, threads: two}]",
+            r"devices.yaml.devices\[1\].threads must be an integer in int64, got 'two'",
+        ),
+        (
+            "devices: [{name: a, matmul_int8_curve: [[1, 2, 3]]}]",
+            r"devices.yaml.devices\[0\].matmul_int8_curve\[0\] must be a list of 2 items",
+        ),
+        ("devices: [{name: a}]\nentry: 3", r"devices.yaml.entry must be a string or null, got 3"),
+        ("devices: [{name: a}]\nlinks: [{between: [a]}]", r"links\[0\].between must be a list of 2"),
         ("devices: [{name: a}, {name: a}]", r"\['a'\] appear more than once"),
         ("devices: [{name: a}]\nlinks: [{between: [a, z]}]", "unknown device 'z'"),
         ("devices: [{name: a}]\nlinks: [{between: [a, a], bandwidth_mbps: -5}]", "bandwidth_mbps"),
         ("devices: [{name: a, matmul_fp32_curve: [[1, 0]]}]", "matmul_fp32_curve"),
-        ("[1, 2]", "mapping with a 'devices' list"),
+        ("[1, 2]", r"devices.yaml must be an object, got \[1, 2\]"),
+        ("links: []", r"devices.yaml lacks 'devices'"),
     ],
 )
 def test_bad_profiles_are_named(tmp_path, text, message):
