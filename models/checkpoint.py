@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from edgec.models.spec import ModelSpec, write_asset
 from edgec.runtimes.manifest import (
@@ -30,7 +31,8 @@ from edgec.runtimes.manifest import (
 )
 from torch import nn
 
-from edgec.errors import SourceError
+from edgec.errors import RecipeError, SourceError
+from edgec.schema import check_json, check_unicode, shown
 
 CHECKPOINT_FILE = "checkpoint.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,6 +44,106 @@ _POST: dict[str, type] = {
     "embedding": EmbeddingPostprocessing,
     "classification": ClassificationPostprocessing,
 }
+
+
+# --- checkpoint.json's schema: these dataclasses' annotations (``edgec.schema.check_json``) ---
+
+
+@dataclass(frozen=True)
+class SpecRecord:
+    """The model spec as ``checkpoint.json`` holds it (``ModelSpec`` with asset paths relative
+    to the checkpoint, processing as JSON objects checked by their ``kind``)."""
+
+    name: str
+    family: str
+    task: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    preprocessing: dict[str, Any] | None = None
+    postprocessing: dict[str, Any] | None = None
+    assets: tuple[str, ...] = ()
+    source: str = ""
+    vocab_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What pruning kept: heads and FFN neurons per layer."""
+
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How weights are stored: bits of each shared weight, the Linears and embedding tables on
+    the int8 grid, the Linears SmoothQuant scaled."""
+
+    shared_bits: dict[str, int] = field(default_factory=dict)
+    int8: tuple[str, ...] = ()
+    int8_tables: tuple[str, ...] = ()
+    smoothed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """``checkpoint.json``. Keys beyond these fields (what a newer edgec records of its steps)
+    are kept and ignored; every field here is checked."""
+
+    format_version: int
+    kind: Literal["edgec-checkpoint"]
+    spec: SpecRecord
+    model_class: str
+    config: dict[str, Any]
+    shapes: Shapes
+    weights: str = "model.safetensors"
+    recipe: dict[str, Any] | None = None
+    steps: tuple[dict[str, Any], ...] = ()
+    report: dict[str, Any] = field(default_factory=dict)
+    storage: Storage = field(default_factory=Storage)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    __json_extra__ = "extra"
+
+
+def _inside(relative: Any, where: str) -> None:
+    """Refuse a file name that leaves the checkpoint's folder (absolute, ``..``, backslashes)."""
+    parts = PurePosixPath(relative).parts
+    if not parts or relative.startswith("/") or "\\" in relative or ".." in parts:
+        raise SourceError(f"{where} must be a path inside the checkpoint, got {shown(relative)}")
+
+
+def check_checkpoint_json(meta: Any, where: str = CHECKPOINT_FILE) -> None:
+    """Refuse a ``checkpoint.json`` of the wrong form: ``SourceError`` naming the field."""
+    if isinstance(meta, dict):
+        version = meta.get("format_version")
+        if type(version) is not int or version not in SUPPORTED_CHECKPOINT_VERSIONS:
+            raise SourceError(
+                f"{where}.format_version is {shown(version)}; this edgec reads "
+                f"{list(SUPPORTED_CHECKPOINT_VERSIONS)}"
+            )
+    check_unicode(meta, where, error=SourceError)
+    check_json(meta, CheckpointRecord, where, error=SourceError)
+    spec = meta["spec"]
+    for key, registry in (("preprocessing", _PRE), ("postprocessing", _POST)):
+        data = spec.get(key)
+        if data is not None:
+            kind = data.get("kind")
+            if kind not in registry:
+                raise SourceError(
+                    f"{where}.spec.{key}.kind is {shown(kind)}; known: {sorted(registry)}"
+                )
+            check_json(data, registry[kind], f"{where}.spec.{key}", error=SourceError)
+    _inside(meta.get("weights", WEIGHTS_FILE), f"{where}.weights")
+    for index, relative in enumerate(spec.get("assets", ())):
+        _inside(relative, f"{where}.spec.assets[{index}]")
+    if meta.get("recipe") is not None:
+        from edgec.compressor.recipe import recipe_from_dict
+
+        try:
+            recipe_from_dict(meta["recipe"])
+        except RecipeError as exc:
+            raise SourceError(f"{where}.recipe: {exc}") from None
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -110,17 +212,12 @@ def save_checkpoint(path: Path, model: nn.Module, spec: ModelSpec, record: dict[
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's JSON, after checking its format version."""
+    """The checkpoint's JSON, after checking it against its schema (``CheckpointRecord``)."""
     try:
         meta = json.loads((path / CHECKPOINT_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SourceError(f"cannot read checkpoint {path}: {exc}") from exc
-    version = meta.get("format_version")
-    if version not in SUPPORTED_CHECKPOINT_VERSIONS:
-        raise SourceError(
-            f"checkpoint {path} has format_version {version!r}; this edgec reads "
-            f"{SUPPORTED_CHECKPOINT_VERSIONS}"
-        )
+    check_checkpoint_json(meta, str(path / CHECKPOINT_FILE))
     return meta
 
 
