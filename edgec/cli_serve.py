@@ -57,6 +57,15 @@ def _read_token(path: Path | None) -> str | None:
     "--max-text-chars", default=100_000, show_default=True, help="Characters in one text; 413."
 )
 @click.option(
+    "--header-timeout-s",
+    default=10.0,
+    show_default=True,
+    help="Time to receive a request's line and headers; 408.",
+)
+@click.option(
+    "--max-connections", default=128, show_default=True, help="Open connections; beyond, 503."
+)
+@click.option(
     "--token-file",
     type=click.Path(path_type=Path),
     help="File holding a bearer token every request must carry.",
@@ -80,6 +89,8 @@ def serve_on_device(
     max_body_mb: float,
     body_timeout_s: float,
     max_text_chars: int,
+    header_timeout_s: float,
+    max_connections: int,
     token_file: Path | None,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -99,6 +110,8 @@ def serve_on_device(
         max_body_bytes=int(max_body_mb * 1024 * 1024),
         body_timeout_s=body_timeout_s,
         max_text_chars=max_text_chars,
+        header_timeout_s=header_timeout_s,
+        max_connections=max_connections,
         token=_read_token(token_file),
     )
     progress(f"verifying and loading {package}")

@@ -400,3 +400,82 @@ def test_a_timed_out_request_frees_its_queue_slot_and_never_runs(runtime):
         assert answers["after"].status_code == 200, answers["after"].text  # queued, not refused
         assert "queued" not in model.ran  # skipped: its caller had gone
         running.assert_healthy(timeouts=True)
+
+
+# --- below the application: slow headers and too many connections ------------------------
+
+
+def _answer(sock: socket.socket, seconds: float = 10) -> tuple[bytes, dict[str, object]]:
+    """The status line and JSON body of the one answer on ``sock``, read until it closes."""
+    sock.settimeout(seconds)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def guarded(runtime) -> Iterator[Server]:
+    """1 s for a request's line and headers, 4 connections at once."""
+    config = ServerConfig(header_timeout_s=1.0, max_connections=4)
+    with Server(create_app(ServedModel(runtime), config)) as running:
+        yield running
+
+
+def test_slow_headers_get_408_and_the_connection_closes(guarded):
+    """A slowloris client (a header byte every 0.2 s) is cut off at 1 s; uvicorn alone would
+    hold it as long as it keeps sending."""
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the server closes while we still send
+            for byte in b"POST /v2/models/minilm/infer HTTP/1.1\r\nHost: x\r\nX-Slow: yes":
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+                if time.monotonic() - started > 5:
+                    break
+        status, body = _answer(sock)
+    assert status.startswith(b"HTTP/1.1 408 "), status
+    assert "did not arrive within 1.0 s" in str(body["error"])
+    guarded.assert_healthy()
+
+
+def test_a_kept_alive_connection_gets_a_fresh_header_deadline_per_request(guarded):
+    """Two requests on one connection, each in time, answer 200 even though together they
+    take longer than the deadline; an idle kept-alive connection is closed, never held."""
+    request = json.dumps(texts(["on one connection"])).encode()
+    head = (
+        b"POST /v2/models/minilm/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(request)
+    )
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as sock:
+        for _ in range(2):
+            time.sleep(0.7)  # 1.4 s in all: past one deadline, within each
+            sock.sendall(head + request)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        sock.settimeout(15)
+        assert sock.recv(65536) == b""  # idle: closed (keep-alive's 5 s or the header deadline)
+
+
+def test_connections_beyond_the_cap_get_503_and_are_closed(guarded):
+    sockets = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(4)]
+    try:
+        time.sleep(0.1)  # the server has taken all four
+        with socket.create_connection(("127.0.0.1", guarded.port)) as extra:
+            status, body = _answer(extra)
+        assert status.startswith(b"HTTP/1.1 503 "), status
+        assert "holds 4 connections (max_connections)" in str(body["error"])
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the server sees the four close
+        try:
+            guarded.assert_healthy()
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

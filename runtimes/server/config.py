@@ -21,6 +21,8 @@ class ServerConfig:
     # characters in one text; beyond, 413. Texts are cut at the tokenizer's maximum before they
     # are tokenized, so this bounds parsing and copying, not the model's work.
     max_text_chars: int = 100_000
+    header_timeout_s: float = 10.0  # request line and headers; beyond, 408 (slowloris)
+    max_connections: int = 128  # open at once; beyond, a new one gets 503 and is closed
     token: str | None = None
 
     def __post_init__(self) -> None:
@@ -28,6 +30,10 @@ class ServerConfig:
             raise ServerError(f"request timeout must be positive, got {self.request_timeout_s}")
         if self.body_timeout_s <= 0:
             raise ServerError(f"body timeout must be positive, got {self.body_timeout_s}")
+        if self.header_timeout_s <= 0:
+            raise ServerError(f"header timeout must be positive, got {self.header_timeout_s}")
+        if self.max_connections < 1:
+            raise ServerError(f"max connections must be at least 1, got {self.max_connections}")
         if self.max_text_chars < 1:
             raise ServerError(f"max text chars must be at least 1, got {self.max_text_chars}")
         if self.max_body_bytes < 1024:

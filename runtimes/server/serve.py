@@ -16,7 +16,7 @@ from edgec.runtimes.server.app import create_app
 from edgec.runtimes.server.config import ServerConfig
 from edgec.runtimes.server.model import ServedModel
 from edgec.runtimes.server.stages import StageClock
-from edgec.runtimes.server.transport import http_protocol
+from edgec.runtimes.server.transport import ConnectionLimits, http_protocol
 from fastapi import FastAPI
 
 from edgec.errors import ServerError
@@ -70,12 +70,16 @@ def uvicorn_config(
     graceful_timeout_s: float = 60.0,
 ) -> uvicorn.Config:
     """How ``run_server`` runs uvicorn: quiet, no server header, JSON refusals of requests that
-    HTTP itself cannot parse (``transport.http_protocol``)."""
+    HTTP itself cannot parse, and the app's header deadline and connection cap
+    (``transport.http_protocol``)."""
     import uvicorn
+
+    config: ServerConfig = app.state.service.config
+    limits = ConnectionLimits(config.header_timeout_s, config.max_connections)
 
     return uvicorn.Config(
         app,
-        http=http_protocol(),
+        http=http_protocol(limits),
         ws="none",  # the protocol is plain HTTP; no websocket handler to expose or import
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
