@@ -25,7 +25,7 @@ learns to make up for int8's error, which a distillation before ``quantize`` can
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -108,12 +108,22 @@ def distill(
     shared: dict[str, int] | None = None,
     int8: Collection[str] = (),
     per_channel: bool = True,
+    *,
+    clusters: dict[str, Clusters] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, dict[str, object]]:
     """Fine-tune ``student`` for ``step.steps`` AdamW steps; returns it in eval mode.
 
     ``shared``: parameter name -> bits of the weights already shared; they keep their clusters.
     ``int8``: Linear module names on the int8 grid (``per_channel`` or per tensor); they train
-    quantization-aware and end on the grid.
+    quantization-aware and end on the grid. Parameters with ``requires_grad`` off stay as they are.
+
+    For one leg of a longer training (a federated round): ``clusters`` fixes the assignments
+    (by parameter name, instead of reading them off the weights, where rounding may have merged
+    two clusters), ``penalty`` is added to the loss (FedProx's proximal term), and ``schedule``
+    = (offset, total) runs steps offset .. offset + steps of a ``total``-step learning-rate
+    schedule instead of a whole one.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student.to(device).train()
@@ -121,13 +131,17 @@ def distill(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = dict(student.named_parameters())
-    clusters = {n: Clusters(params[n], 2**bits) for n, bits in (shared or {}).items()}
+    if clusters is None:
+        clusters = {n: Clusters(params[n], 2**bits) for n, bits in (shared or {}).items()}
     modules = dict(student.named_modules())
     for name in int8:
         parametrize.register_parametrization(modules[name], "weight", _Int8Grid(per_channel))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=step.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / 20) * max(0.0, 1 - i / step.steps)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=step.lr, weight_decay=0.0)
+    offset, total = schedule or (0, step.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda i: min(1.0, (offset + i + 1) / 20) * max(0.0, 1 - (offset + i) / total),
     )
     name = spec.output_names[0]
     queue: list[Feeds] = []
@@ -145,11 +159,13 @@ def distill(
             with torch.no_grad():
                 target = teacher(**feeds)[name]
             loss = _loss(spec, student(**feeds)[name], target, feeds)
+            if penalty is not None:
+                loss = loss + penalty()
             optimizer.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
-            schedule.step()
+            scheduler.step()
             with torch.no_grad():
                 for param, cluster in clusters.items():
                     cluster.project(params[param])

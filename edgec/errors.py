@@ -70,3 +70,9 @@ class SignatureError(PackageError):
 class SecretsError(DeviceError):
     """Cluster secrets (token, CA, device certificates) are missing, malformed, not private
     (mode 0600, directories 0700), or name no such device. Exits as a ``DeviceError``."""
+
+
+class FederatedError(EdgecError):
+    """A federated run cannot start or go on: options, checkpoint, data, devices or an update."""
+
+    exit_code = 11
