@@ -147,6 +147,13 @@ def _describe(name: str, value: np.ndarray) -> list[Any]:
 @click.option("--backend", default="local", show_default=True, help="Where stages run.")
 @click.option("--address", default=None, help="Ray cluster HOST:PORT (with --backend ray).")
 @click.option(
+    "--secrets",
+    "secrets_dir",
+    type=click.Path(path_type=Path),
+    help="Cluster secrets (`edgec cluster-secrets`): connect to the Ray cluster with its token "
+    "and TLS.",
+)
+@click.option(
     "--emulate-links",
     is_flag=True,
     help="Wait, at each crossing between devices, what the planned links would take "
@@ -161,6 +168,7 @@ def run(
     save: Path | None,
     backend: str,
     address: str | None,
+    secrets_dir: Path | None,
     emulate_links: bool,
     as_json: bool,
 ) -> None:
@@ -172,7 +180,11 @@ def run(
     given = sum(bool(x) for x in (texts, inputs, images))
     if given != 1:
         raise click.UsageError("give exactly one of --text, --input or --images")
-    options = {"address": address} if address else {}
+    options: dict[str, Any] = {"address": address} if address else {}
+    if secrets_dir is not None:
+        if backend != "ray":
+            raise click.UsageError("--secrets is for the Ray backend (--backend ray)")
+        options["secrets"] = secrets_dir
     runtime = load_package(package, backend=backend, emulate_links=emulate_links, **options)
     if emulate_links:
         started = time.perf_counter()

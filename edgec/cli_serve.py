@@ -78,6 +78,12 @@ def _read_token(path: Path | None) -> str | None:
     help="Ed25519 public key (PEM): refuse an unsigned or tampered package.",
 )
 @click.option("--cluster", help="Run the stages on the Ray cluster at this address.")
+@click.option(
+    "--secrets",
+    "secrets_dir",
+    type=click.Path(path_type=Path),
+    help="Cluster secrets (`edgec cluster-secrets`): join --cluster with its token and TLS.",
+)
 def serve_on_device(
     package: Path,
     host: str,
@@ -96,6 +102,7 @@ def serve_on_device(
     tls_key: Path | None,
     public_key: Path | None,
     cluster: str | None,
+    secrets_dir: Path | None,
 ) -> None:
     """Serve PACKAGE over the Open Inference Protocol (KServe v2 REST) until SIGTERM."""
     from edgec.runtimes.server import ServerConfig, bind, load_app, run_server
@@ -115,7 +122,9 @@ def serve_on_device(
         token=_read_token(token_file),
     )
     progress(f"verifying and loading {package}")
-    app = load_app(package, config, public_key=public_key, cluster=cluster)
+    if secrets_dir is not None and cluster is None:
+        raise click.UsageError("--secrets goes with --cluster ADDRESS")
+    app = load_app(package, config, public_key=public_key, cluster=cluster, secrets=secrets_dir)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     scheme = "https" if tls_cert else "http"

@@ -382,14 +382,8 @@ def _check_private(path: Path, *, directory: bool = False) -> None:
         )
 
 
-def load_cluster_secrets(root: Path, device: str | None = None) -> ClusterSecrets:
-    """Open and check a cluster-secrets directory: the manifest, the token's form, and that
-    every file it should hold is there, a regular file and private (0600; directories 0700).
-
-    On a device, the directory holds only that device's files: give ``device`` to check just
-    those (and no ``ca.key``, which should stay where the secrets were made); without it, every
-    device's files must be there. Raises ``SecretsError`` naming the missing or bad file."""
-    root = Path(root)
+def _read_manifest(root: Path) -> ClusterSecrets:
+    """The directory and its manifest, checked; the other files are not looked at yet."""
     _check_private(root, directory=True)
     manifest_path = root / MANIFEST_NAME
     _check_private(manifest_path)
@@ -409,10 +403,20 @@ def load_cluster_secrets(root: Path, device: str | None = None) -> ClusterSecret
         )
     if not all(isinstance(n, str) for n in names + hosts):
         raise SecretsError(f"cluster secrets: {str(manifest_path)!r} lists a non-string name")
-    names = _check_devices(names)
-    result = ClusterSecrets(root, names, _check_hosts(hosts))
-    devices_dir = root / DEVICES_DIR
-    _check_private(devices_dir, directory=True)
+    return ClusterSecrets(root, _check_devices(names), _check_hosts(hosts))
+
+
+def load_cluster_secrets(root: Path, device: str | None = None) -> ClusterSecrets:
+    """Open and check a cluster-secrets directory: the manifest, the token's form, and that
+    every file it should hold is there, a regular file of this user's and private (0600;
+    directories 0700).
+
+    Without ``device``, the directory as ``create_cluster_secrets`` made it: every device's
+    files and ``ca.key``. With ``device``, a device's copy: the manifest, token, ``ca.crt`` and
+    that device's files (``device_files``). Raises ``SecretsError`` naming the missing or bad
+    file, or the unknown device."""
+    result = _read_manifest(Path(root))
+    _check_private(result.root / DEVICES_DIR, directory=True)
     if device is None:
         needed = list(result.files())
     else:
@@ -421,3 +425,17 @@ def load_cluster_secrets(root: Path, device: str | None = None) -> ClusterSecret
         _check_private(path)
     result.token()  # its form (never its content in a message)
     return result
+
+
+def load_device_secrets(root: Path) -> tuple[ClusterSecrets, str]:
+    """Open a directory as copied to a device (or as made, holding every device's files):
+    returns the secrets, checked as ``load_cluster_secrets(root, device)`` does, and the
+    device whose certificate is there (the first listed, where several are)."""
+    secrets = _read_manifest(Path(root))
+    for device in secrets.devices:
+        if secrets.cert(device).exists() or secrets.key(device).exists():
+            return load_cluster_secrets(secrets.root, device), device
+    raise SecretsError(
+        f"cluster secrets {str(secrets.root)!r} hold no device's certificate "
+        f"({DEVICES_DIR}/NAME.crt for one of: {', '.join(secrets.devices)})"
+    )

@@ -8,17 +8,30 @@ request with a ``DeviceError`` naming its device (starting the stages waits up t
 ``connect_timeout_s``: a worker process must start); actors restart (without limit) when their
 device rejoins, so service resumes without restarting the coordinator.
 
+A cluster made with secrets (``edgec cluster-secrets``, ``edgec join --secrets``) asks every
+process for its token and TLS: ``RayBackend(..., secrets=DIR)`` connects the same way
+(``ray_security_env``). Ray's C++ core reads ``RAY_USE_TLS`` and the certificate paths into its
+config when ``ray`` is first imported, so the backend sets the environment before importing
+``ray``; where ``ray`` was imported earlier it refreshes that config from the environment, as
+Ray itself does when it turns token authentication on (``Config.initialize``), and drops the
+cached token. The environment stays set while connected (Ray's Python side reads it whenever it
+opens a channel); ``close`` disconnects and restores it.
+
 ``ray`` is imported only when this backend is created.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from edgec.runtimes.backends import Feeds
+from edgec.runtimes.cluster_secrets import ClusterSecrets, load_device_secrets
 from edgec.runtimes.manifest import DeviceInfo
 from edgec.runtimes.package import Package
 
@@ -35,6 +48,45 @@ DEFAULT_CONNECT_TIMEOUT_S = 120.0
 def device_resource(name: str) -> str:
     """The Ray custom resource that marks the node of device ``name``."""
     return f"{RESOURCE_PREFIX}{name}"
+
+
+# The variables ray_security_env sets, and RAY_AUTH_TOKEN, which would override the token file.
+SECURITY_ENV = (
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_AUTH_TOKEN",
+    "RAY_USE_TLS",
+    "RAY_TLS_SERVER_CERT",
+    "RAY_TLS_SERVER_KEY",
+    "RAY_TLS_CA_CERT",
+)
+
+
+def ray_security_env(secrets: ClusterSecrets, device: str) -> dict[str, str]:
+    """The environment every Ray process of ``device`` runs with on a cluster with secrets:
+    token authentication (the token read from its file, so it is in no environment or command
+    line) and mutual TLS with the device's certificate, its key and the cluster's CA.
+
+    Ray's gRPC servers (GCS, raylets, workers) require a client certificate signed by the CA
+    and present the device's certificate, which other nodes check against the address they
+    dial: the certificate's hosts must name that address (``edgec join`` checks)."""
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(secrets.token_path.resolve()),
+        "RAY_USE_TLS": "1",
+        "RAY_TLS_SERVER_CERT": str(secrets.cert(device).resolve()),
+        "RAY_TLS_SERVER_KEY": str(secrets.key(device).resolve()),
+        "RAY_TLS_CA_CERT": str(secrets.ca_cert.resolve()),
+    }
+
+
+def _refresh_ray_config() -> None:
+    """Make an already imported Ray read its config (TLS) and token from the environment."""
+    import importlib
+
+    raylet: Any = importlib.import_module("ray._raylet")  # compiled; no type stubs
+    raylet.Config.initialize("")
+    raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 class StageWorker:
@@ -100,18 +152,43 @@ class RayBackend:
         address: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        secrets: str | Path | ClusterSecrets | None = None,
     ):
-        ray = _import_ray()
+        self._restore: dict[str, str | None] | None = None  # the environment before secrets
+        env = None
+        if secrets is not None:
+            # the coordinator presents a device's certificate: the one its directory holds (all
+            # name the same hosts)
+            root = secrets.root if isinstance(secrets, ClusterSecrets) else Path(secrets)
+            env = ray_security_env(*load_device_secrets(root))
+        ray = _import_ray() if env is None or "ray" in sys.modules else None
+        if ray is not None and ray.is_initialized():
+            if env is not None and any(os.environ.get(k) != env.get(k) for k in SECURITY_ENV):
+                raise DeviceError(
+                    "this process is already connected to a Ray cluster without these secrets; "
+                    "a process connects to one cluster, one way"
+                )
+        else:
+            if address is None:
+                raise DeviceError("the Ray backend needs the cluster's address (HOST:PORT)")
+            if env is not None:
+                self._restore = {k: os.environ.get(k) for k in SECURITY_ENV}
+                _set_env({k: env.get(k) for k in SECURITY_ENV})
+                if ray is None:  # first import: Ray reads the environment now
+                    ray = _import_ray()
+                else:
+                    _refresh_ray_config()
+            if ray is None:  # for mypy: imported above whenever env is None
+                ray = _import_ray()
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            except Exception as exc:  # ConnectionError, Ray's AuthenticationError, ...
+                ray.shutdown()
+                self._restore_env()
+                raise DeviceError(_connect_error(address, exc)) from exc
         self._ray = ray
         self.timeout_s = float(timeout_s)
         manifest = package.manifest
-        if not ray.is_initialized():
-            if address is None:
-                raise DeviceError("the Ray backend needs the cluster's address (HOST:PORT)")
-            try:
-                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise DeviceError(f"cannot reach the Ray cluster at {address!r}: {exc}") from exc
         offered = ray.cluster_resources()
         wanted = sorted({s.device for s in manifest.stages})
         missing = [d for d in wanted if offered.get(device_resource(d), 0) <= 0]
@@ -179,7 +256,49 @@ class RayBackend:
         return dict(self._get(stage, ref, self.timeout_s))
 
     def close(self) -> None:
+        """Stop the stage actors; a backend that connected with secrets also disconnects and
+        restores the environment it found."""
         for actor in self._actors.values():
             self._ray.kill(actor, no_restart=True)
         self._actors.clear()
         self._files.clear()
+        if self._restore is not None:
+            self._ray.shutdown()
+            self._restore_env()
+
+    def _restore_env(self) -> None:
+        if self._restore is not None:
+            _set_env(self._restore)
+            self._restore = None
+            if "ray" in sys.modules:
+                _refresh_ray_config()
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _connect_error(address: str, exc: BaseException) -> str:
+    """Why ``ray.init`` failed, in one line. A refused token is named as such: Ray raises
+    ``AuthenticationError``, or (connecting to a GCS) a ``ConnectionError`` whose cause's text
+    carries that error's traceback, ``... InvalidAuthToken: ...``."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        text = str(cause)
+        if type(cause).__name__ == "AuthenticationError" or "InvalidAuthToken" in text:
+            said = next(
+                (line for line in text.splitlines() if "InvalidAuthToken" in line),
+                text.strip().splitlines()[0] if text.strip() else "",
+            )
+            said = said.split(". ")[0].split("AuthenticationError: ")[-1].strip()
+            return (
+                f"the Ray cluster at {address!r} refused this client's token ({said}): token "
+                "authentication is on; connect with the cluster's secrets (--secrets DIR)"
+            )
+        cause = cause.__cause__ or cause.__context__
+    lines = str(exc).strip().splitlines()
+    return f"cannot reach the Ray cluster at {address!r}: {lines[0] if lines else exc!r}"

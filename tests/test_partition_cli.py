@@ -131,7 +131,9 @@ def test_profile_device_writes_a_profile_plans_accept(tmp_path):
 
 
 def test_join_wraps_ray_start():
-    result = edgec("join", "--device", "board-b", "--address", "10.0.0.2:6379", "--dry-run")
+    result = edgec(
+        "join", "--device", "board-b", "--address", "10.0.0.2:6379", "--dry-run", "--insecure"
+    )
     assert result.returncode == 0
     assert (
         result.stdout.strip()

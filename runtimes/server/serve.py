@@ -31,15 +31,19 @@ def load_app(
     *,
     public_key: str | Path | None = None,
     cluster: str | None = None,
+    secrets: str | Path | None = None,
 ) -> FastAPI:
     """Verify and load ``package`` (signature first when ``public_key``), and build the app.
 
-    ``cluster`` runs the stages on the Ray backend at that address.
+    ``cluster`` runs the stages on the Ray backend at that address, connecting with the
+    cluster's token and TLS when ``secrets`` (a cluster-secrets directory) is given.
     """
     clock = StageClock()
     options: dict[str, object] = {"inner": "local", "on_stage": clock}
     if cluster is not None:
         options = {"inner": "ray", "on_stage": clock, "address": cluster}
+        if secrets is not None:
+            options["secrets"] = secrets
     runtime = load_package(package, backend="timed", public_key=public_key, **options)
     model = ServedModel(
         runtime,
