@@ -351,8 +351,10 @@ def _advertised_ip(head: bool, address: str | None, host: str | None) -> str:
     this machine's reachable address)."""
     if host is not None and not _is_loopback(host) and not _is_wildcard(host):
         return host
-    from ray._private import services
-
+    try:
+        from ray._private import services
+    except ImportError:
+        raise DeviceError("joining a cluster needs ray: pip install 'edgec[cluster]'") from None
     if head or address is None:
         return str(services.get_node_ip_address())
     bootstrap = services.canonicalize_bootstrap_address(address)

@@ -299,16 +299,18 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _kill_leftovers(ray_tmp: Path) -> None:
-    """Any process of this cluster still alive (its command line names our temp dir): SIGKILL
-    it, by pid."""
+    """Any process of this cluster still alive: SIGKILL it, by pid. Ours are those whose
+    command line or environment (RAY_TMPDIR, inherited by Ray's workers, whose command lines
+    Ray rewrites) names our temp dir."""
+    mark = str(ray_tmp).encode()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            seen = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
         except OSError:
             continue
-        if str(ray_tmp).encode() in cmdline:
+        if mark in seen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), signal.SIGKILL)
 
