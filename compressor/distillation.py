@@ -112,6 +112,7 @@ def distill(
     clusters: dict[str, Clusters] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     schedule: tuple[int, int] | None = None,
+    keep_float: bool = False,
 ) -> tuple[nn.Module, dict[str, object]]:
     """Fine-tune ``student`` for ``step.steps`` AdamW steps; returns it in eval mode.
 
@@ -123,7 +124,8 @@ def distill(
     (by parameter name, instead of reading them off the weights, where rounding may have merged
     two clusters), ``penalty`` is added to the loss (FedProx's proximal term), and ``schedule``
     = (offset, total) runs steps offset .. offset + steps of a ``total``-step learning-rate
-    schedule instead of a whole one.
+    schedule instead of a whole one; ``keep_float`` leaves the int8 Linears' float weights off
+    the grid, so that progress smaller than a grid step carries over to the next leg.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student.to(device).train()
@@ -172,7 +174,9 @@ def distill(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for name in int8:  # the float weight (on its clusters) rounded onto the grid for good
-        parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=True)
+        parametrize.remove_parametrizations(
+            modules[name], "weight", leave_parametrized=not keep_float
+        )
     student.to("cpu").eval()
     teacher.to("cpu")
     return student, {

@@ -368,11 +368,13 @@ def main() -> None:
 # here, so they are registered after it is defined.
 from edgec.cli_compress import compress as _compress  # noqa: E402
 from edgec.cli_devices import register as _register_device_commands  # noqa: E402
+from edgec.cli_federate import register as _register_federate_commands  # noqa: E402
 from edgec.cli_serve import register as _register_serve_commands  # noqa: E402
 
 cli.add_command(_compress)  # compress
 _register_device_commands(cli)  # profile-device, plan, partition, join
 _register_serve_commands(cli)  # serve-on-device, sign, keygen
+_register_federate_commands(cli)  # federate simulate|serve|join
 
 if __name__ == "__main__":
     main()

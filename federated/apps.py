@@ -110,13 +110,15 @@ def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
 
 def _exchange(
     grid: Grid, messages: list[Message], timeout_s: float, label: str
-) -> tuple[list[Message], list[int]]:
+) -> tuple[list[tuple[int, Message]], list[int]]:
     """Send ``messages``, collect replies until all came or ``timeout_s`` passed, with a
-    progress bar; the replies and the node ids that never answered."""
-    pending = {
+    progress bar; (node, reply) pairs and the nodes that never answered. The node is the one
+    the message went to: an error reply the SuperLink makes for a lost node is not from it."""
+    sent = {
         mid: m.metadata.dst_node_id
         for mid, m in zip(grid.push_messages(messages), messages, strict=True)
     }
+    pending = dict(sent)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
     with tqdm(total=len(pending), desc=label, unit="device", leave=True) as bar:
@@ -129,7 +131,7 @@ def _exchange(
                 bar.update(len(got))
             if pending:
                 time.sleep(0.2)
-    return replies, sorted(pending.values())
+    return [(sent[r.metadata.reply_to_message_id], r) for r in replies], sorted(pending.values())
 
 
 def _arrays(record: ArrayRecord) -> dict[str, Any]:
@@ -212,8 +214,7 @@ def run_rounds(
         valid, dropped, rejected, up = [], [], [], 0
         for node in silent:
             dropped.append({"node": node, "reason": f"no reply in {plan.round_timeout_s:.0f} s"})
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             if reply.has_error():
                 dropped.append({"node": node, "reason": reply.error.reason})
                 continue
@@ -232,8 +233,7 @@ def run_rounds(
             aggregated, _ = strategy.aggregate_train(number, valid)
             if aggregated is None:
                 raise FederatedError(f"round {number}: the strategy returned no model")
-            trainable.apply(model, _arrays(aggregated))
-            arrays = trainable.extract(model)
+            arrays = {k: v.astype(np.float32) for k, v in _arrays(aggregated).items()}
         else:
             say(
                 f"round {number}: {len(valid)} valid update(s), fewer than {plan.min_updates}: "
@@ -258,6 +258,7 @@ def run_rounds(
             }
         )
         rounds.append(entry)
+    trainable.apply(model, arrays)  # on the storage grid, as the devices measured it
     report = {
         "plan": plan.to_json(),
         "start": str(checkpoint),
@@ -296,14 +297,14 @@ def _evaluate(
     label = "start: evaluating" if number == 0 else f"round {number}/{plan.rounds} evaluating"
     replies, _ = _exchange(grid, messages, plan.round_timeout_s, label)
     fidelity: dict[str, dict[str, Any]] = {}
-    for reply in replies:
+    for node, reply in replies:
         if reply.has_error() or not reply.content.metric_records:
             continue
         metrics = next(iter(reply.content.metric_records.values()))
         names = reply.content.config_records.get("client")
-        name = str(names.get("name")) if names else str(reply.metadata.src_node_id)
+        name = str(names.get("name")) if names else str(node)
         fidelity[name] = {
-            "node": reply.metadata.src_node_id,
+            "node": node,
             "cos_min": float(metrics["cos-min"]),  # type: ignore[arg-type]
             "cos_mean": float(metrics["cos-mean"]),  # type: ignore[arg-type]
             "heldout": int(metrics[WEIGHT_KEY]),  # type: ignore[arg-type]

@@ -95,7 +95,10 @@ class Device:
         """Dynamic int8 activations as the exported model computes them (hooks on)."""
         if self.storage.dynamic_activations and self._int8:
             linears = quantizable(self.model)
-            apply_int8(self.model, linears, self._int8, self.storage.per_channel)
+            floats = apply_int8(self.model, linears, self._int8, self.storage.per_channel)
+            with torch.no_grad():  # the hooks only: training keeps its float weights
+                for name, weight in floats.items():
+                    linears[name].weight.copy_(weight)
 
     def evaluate(self, arrays: dict[str, np.ndarray] | None = None) -> Fidelity:
         """Fidelity of the model (with ``arrays`` applied) on this device's held-out split."""
@@ -120,7 +123,7 @@ class Device:
         """One round from the global ``arrays``: the trained tensors and the last loss.
 
         ``data``: train on it instead of this device's split (the central baseline)."""
-        self.trainable.apply(self.model, arrays)
+        self.trainable.apply(self.model, arrays, settle=False)
         trained = set(self.trainable.parameters)
         for name, param in self.model.named_parameters():
             param.requires_grad_(name in trained)
@@ -145,6 +148,7 @@ class Device:
                 clusters=self.trainable.clusters,
                 penalty=proximal if plan.proximal_mu > 0 else None,
                 schedule=((round_ - 1) * plan.steps, rounds * plan.steps),
+                keep_float=True,
             )
         finally:
             remove_simulation(self.model)

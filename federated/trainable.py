@@ -6,8 +6,9 @@ checkpoint, so the compression is kept and a few KB cross the network instead of
 With ``mode="all"``, every other float parameter the model's output depends on travels whole
 as well (biases, norms, unshared weights); pruned shapes are what the checkpoint has.
 
-After averaging, each tensor is put back on the grid its storage uses (int8 per row for the
-int8 Linears and tables, fp16 for float codebooks), so the result exports as the start did.
+Rounds exchange the float values; what is measured and what the run writes is each tensor
+put back on the grid its storage uses (int8 per row for the int8 Linears and tables, fp16 for
+float codebooks), so the result exports as the start did.
 """
 
 from __future__ import annotations
@@ -122,8 +123,12 @@ class TrainableSet:
             out[name] = params[name].detach().cpu().float().numpy().copy()
         return out
 
-    def apply(self, model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write ``arrays`` (checked) into ``model`` in place, each on its storage grid."""
+    def apply(
+        self, model: nn.Module, arrays: Mapping[str, np.ndarray], settle: bool = True
+    ) -> None:
+        """Write ``arrays`` (checked) into ``model`` in place, each on its storage grid (with
+        ``settle`` off, the float values: training goes on from them, and rounding each round
+        would undo every step smaller than a grid step)."""
         problems = self.problems(arrays)
         if problems:
             raise FederatedError("update does not fit the model: " + "; ".join(problems))
@@ -135,7 +140,8 @@ class TrainableSet:
                 params[name].copy_(rows.reshape(params[name].shape))
             for name in self.dense:
                 params[name].copy_(torch.from_numpy(np.asarray(arrays[name])))
-            self._settle(params)
+            if settle:
+                self._settle(params)
 
     def _settle(self, params: dict[str, nn.Parameter]) -> None:
         """Each trained tensor back on its storage grid: int8 per row, or fp16 codebooks."""
@@ -175,10 +181,18 @@ class TrainableSet:
 
 
 def _codebook(weight: torch.Tensor, clusters: Clusters) -> np.ndarray:
-    """Each cluster's mean, (rows, k) float32: the centroids (clusters with no member: 0)."""
+    """Each cluster's value, (rows, k) float32: the centroids (clusters with no member: 0).
+
+    The value of the cluster's first member, not the mean of its members: they are equal (the
+    training projects them), and a float32 mean of equal values can miss the value by an ulp,
+    which moves a row's int8 scale."""
     rows = weight.float().reshape(clusters.index.shape)
-    total = torch.zeros(rows.shape[0], clusters.k).scatter_add_(1, clusters.index, rows)
-    return (total / clusters.count.clamp_min(1)).numpy()
+    width = rows.shape[1]
+    positions = torch.arange(width).expand_as(clusters.index)
+    first = torch.full((rows.shape[0], clusters.k), width - 1, dtype=torch.long)
+    first.scatter_reduce_(1, clusters.index, positions, reduce="amin")
+    values = rows.gather(1, first)
+    return torch.where(clusters.count > 0, values, torch.zeros_like(values)).numpy()
 
 
 def _reachable(model: nn.Module) -> set[str]:

@@ -7,6 +7,8 @@ domains, against central distillation) are ``benchmarks/federated.py``'s.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +294,142 @@ def test_centroid_updates_of_minilm_lowbit_are_a_twentieth_of_the_weights(
     trainable.apply(model, trainable.extract(model))
     for name, param in model.named_parameters():
         assert np.array_equal(param.detach().numpy(), before[name].numpy()), name
+
+
+# --- deployment: a real SuperLink and SuperNodes, TLS and node authentication (issue 17) -----
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_deployment_with_tls_and_node_auth_finishes_when_a_node_dies_mid_round(
+    shared_bert: Path, domains: Path, tmp_path: Path
+) -> None:
+    """A SuperLink (TLS, SuperNode authentication) and two listed SuperNodes as processes; a
+    third device of the same secrets, with a valid certificate but not listed, is refused; one
+    listed node is killed while round 2 trains: that round completes with the other, and so
+    does the run."""
+    import threading
+
+    from edgec.federated import FederatedPlan, LocalTraining
+    from edgec.federated.deploy import serve, supernode
+    from edgec.runtimes.cluster_secrets import create_cluster_secrets
+
+    secrets = create_cluster_secrets(tmp_path / "secrets", ["coordinator", "a", "b", "c"])
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    plan = FederatedPlan(
+        rounds=2,
+        min_clients=2,
+        round_timeout_s=120,  # longer than Flower's 60 s to declare a silent node lost
+        start_timeout_s=180,
+        local=LocalTraining(steps=10, lr=1e-3, batch_size=8),
+    )
+    lines: list[str] = []
+    registered, training_2 = threading.Event(), threading.Event()
+
+    def on_line(line: str) -> None:
+        lines.append(line)
+        if line.startswith("devices allowed to join"):
+            registered.set()
+        if line.startswith("round 2/2: training on"):
+            training_2.set()
+
+    outcome: dict[str, Any] = {}
+
+    def coordinate() -> None:
+        try:
+            outcome["result"] = serve(
+                shared_bert,
+                tmp_path / "out.ckpt",
+                plan,
+                port=port,
+                secrets=secrets.root,
+                device="coordinator",
+                allow=["a", "b"],
+                say=on_line,
+            )
+        except BaseException as exc:  # the test thread reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=coordinate)
+    thread.start()
+    assert registered.wait(120), "\n".join(lines)
+    files = sorted(domains.glob("*.npz"))
+    node = {"secrets": secrets.root}
+    with (
+        supernode(address, shared_bert, files[0], device="a", **{**node, "port": _free_port()}),
+        supernode(
+            address, shared_bert, files[1], device="b", **{**node, "port": _free_port()}
+        ) as b,
+        supernode(
+            address,
+            shared_bert,
+            files[2],
+            device="c",
+            log=tmp_path / "c.log",
+            **{**node, "port": _free_port()},
+        ) as c,
+    ):
+        assert training_2.wait(300), "\n".join(lines)
+        os.killpg(b.pid, signal.SIGKILL)
+        thread.join(600)
+        assert c.poll() is not None and c.returncode != 0  # refused: it gave up
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert "Failed to activate SuperNode" in (tmp_path / "c.log").read_text()
+    report = outcome["result"].report
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    names = {n: f["node"] for n, f in rounds[0]["fidelity"].items()}
+    assert sorted(names) == ["a", "b"]  # c never took part
+    assert sorted(rounds[1]["clients"]) == sorted(names.values())
+    assert rounds[2]["clients"] == [names["a"]] and rounds[2]["applied"]
+    assert [d["node"] for d in rounds[2]["dropped"]] == [names["b"]]
+    assert list(rounds[2]["fidelity"]) == ["a"]
+    assert (tmp_path / "out.ckpt" / "checkpoint.json").is_file()
+
+
+def test_deployment_refuses_to_run_without_secrets_unless_insecure(
+    shared_bert: Path, domains: Path, tmp_path: Path
+) -> None:
+    files = sorted(domains.glob("*.npz"))
+    result = run_edgec(
+        "federate", "serve", str(shared_bert), "--rounds", "1", "--min-clients", "1",
+        "-o", str(tmp_path / "out.ckpt"),
+    )  # fmt: skip
+    assert result.returncode == 11 and "--insecure" in result.stderr
+    result = run_edgec(
+        "federate", "join", "127.0.0.1:1", "--data", str(files[0]), "--ckpt", str(shared_bert)
+    )
+    assert result.returncode == 11 and "--insecure" in result.stderr
+    result = run_edgec(
+        "federate", "join", "127.0.0.1:1", "--data", str(files[0]), "--ckpt", str(shared_bert),
+        "--secrets", str(tmp_path / "none"), "--device", "a",
+    )  # fmt: skip
+    assert result.returncode == 11 and str(tmp_path / "none") in result.stderr
+
+
+def test_fedprox_keeps_a_devices_update_near_the_global_model(
+    shared_bert: Path, domains: Path
+) -> None:
+    """The proximal term FedProx sends (``proximal-mu``) pulls the local training towards the
+    weights the round started from: the same steps move the codebooks less."""
+    from edgec.federated import LocalTraining
+    from edgec.federated.local import Device
+
+    device = Device(shared_bert, sorted(domains.glob("*.npz"))[0])
+    start = device.trainable.extract(device.model)
+
+    def distance(mu: float) -> float:
+        plan = LocalTraining(steps=8, lr=1e-2, batch_size=8, proximal_mu=mu)
+        trained, _ = device.train(start, plan, 1, 1, seed=0)
+        return float(sum(((trained[n] - start[n]) ** 2).sum() for n in start))
+
+    free, held = distance(0.0), distance(1e4)
+    assert 0 < held < free / 2
