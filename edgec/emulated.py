@@ -94,8 +94,13 @@ def enable_binfmt() -> None:
 class Root:
     """The aarch64 root at ``path`` (cached: made once, reused)."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], cpu: str | None = None):
+        """``cpu``: the CPU qemu emulates (``QEMU_CPU``: ``cortex-a72`` as on a Raspberry Pi 4,
+        plain NEON; ``cortex-a76`` as on a Pi 5, with dot product; ``max``, qemu's default,
+        every feature qemu has, i8mm and SVE included). onnxruntime picks its int8 kernels by
+        the features the CPU reports."""
         self.path = Path(path).resolve()
+        self.cpu = cpu
 
     # -- making it ---------------------------------------------------------------------------
 
@@ -181,12 +186,12 @@ class Root:
     # -- using it ----------------------------------------------------------------------------
 
     def chroot(self, command: Sequence[str], what: str, timeout: float = 3600) -> str:
-        return _chroot(self.path, command, what, timeout)
+        return _chroot(self.path, command, what, timeout, self.cpu)
 
     def popen(self, command: Sequence[str]) -> subprocess.Popen[str]:
         """A long-running command in the root (the server); stdout and stderr merged."""
         return subprocess.Popen(
-            ["chroot", str(self.path), "/usr/bin/env", "-i", *_env(), *command],
+            ["chroot", str(self.path), "/usr/bin/env", "-i", *_env(self.cpu), *command],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -217,12 +222,15 @@ class Root:
         return Path(tempfile.mkdtemp(dir=base))
 
 
-def _env() -> list[str]:
-    return [f"{k}={v}" for k, v in ENV.items()]
+def _env(cpu: str | None = None) -> list[str]:
+    return [f"{k}={v}" for k, v in ENV.items()] + ([f"QEMU_CPU={cpu}"] if cpu else [])
 
 
-def _chroot(root: Path, command: Sequence[str], what: str, timeout: float = 3600) -> str:
-    return _run(["chroot", str(root), "/usr/bin/env", "-i", *_env(), *command], what, timeout)
+def _chroot(
+    root: Path, command: Sequence[str], what: str, timeout: float = 3600, cpu: str | None = None
+) -> str:
+    argv = ["chroot", str(root), "/usr/bin/env", "-i", *_env(cpu), *command]
+    return _run(argv, what, timeout)
 
 
 def _link_or_copy(source: str, target: str) -> str:
