@@ -185,18 +185,20 @@ def run(
         if backend != "ray":
             raise click.UsageError("--secrets is for the Ray backend (--backend ray)")
         options["secrets"] = secrets_dir
-    runtime = load_package(package, backend=backend, emulate_links=emulate_links, **options)
-    if emulate_links:
-        started = time.perf_counter()
+    # closed at the end: a Ray backend stops its actors (and one with secrets disconnects)
+    with load_package(package, backend=backend, emulate_links=emulate_links, **options) as runtime:
+        if emulate_links:
+            started = time.perf_counter()
+            _run_and_print(runtime, texts, inputs, images, save, as_json)
+            elapsed = (time.perf_counter() - started) * 1e3
+            sent = runtime.link_traffic
+            moved = ", ".join(f"{a}→{b} {human_bytes(n)}" for (a, b), n in sorted(sent.items()))
+            click.echo(
+                f"• links emulated: {elapsed:.1f} ms end to end; {moved or 'nothing crossed'}",
+                err=True,
+            )
+            return
         _run_and_print(runtime, texts, inputs, images, save, as_json)
-        elapsed = (time.perf_counter() - started) * 1e3
-        sent = runtime.link_traffic
-        moved = ", ".join(f"{a}→{b} {human_bytes(n)}" for (a, b), n in sorted(sent.items()))
-        click.echo(
-            f"• links emulated: {elapsed:.1f} ms end to end; {moved or 'nothing crossed'}", err=True
-        )
-        return
-    _run_and_print(runtime, texts, inputs, images, save, as_json)
 
 
 def _run_and_print(

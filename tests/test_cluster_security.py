@@ -468,6 +468,24 @@ def test_a_client_with_the_secrets_runs_a_partitioned_package(
     with np.load(tmp_path / "out.npz") as saved:
         assert np.array_equal(saved["last_hidden_state"], expected["last_hidden_state"])
     _token_free(secured_cluster.secrets, result.stdout, result.stderr)
+    assert {k: os.environ.get(k) for k in SECURITY_ENV} == before  # run closed its runtime
+
+    # and the server's loader (serve-on-device --cluster ADDRESS --secrets DIR)
+    from edgec.runtimes.server import ServerConfig, load_app
+
+    app = load_app(
+        pipeline_package,
+        ServerConfig(),
+        cluster=secured_cluster.address,
+        secrets=secured_cluster.secrets.root,
+    )
+    served = app.state.service.model.runtime
+    try:
+        outputs = served.run(feeds)
+        assert np.array_equal(outputs["last_hidden_state"], expected["last_hidden_state"])
+    finally:
+        served.close()
+    assert {k: os.environ.get(k) for k in SECURITY_ENV} == before
 
 
 def test_a_worker_with_a_certificate_from_another_ca_cannot_join(secured_cluster, tmp_path):
