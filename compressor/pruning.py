@@ -233,9 +233,14 @@ def prune(
     layers = adapter_for(model).layers(model)
     scores = importance(model, spec, data, step.importance, step.batches)
     keep_heads = _heads_to_keep(scores.heads, step.heads)
-    for parts, heads, neuron_scores in zip(layers, keep_heads, scores.neurons, strict=True):
+    ffn = step.ffn if isinstance(step.ffn, tuple) else (step.ffn,) * len(layers)
+    if len(ffn) != len(layers):
+        raise RecipeError(f"prune.ffn lists {len(ffn)} layers; the model has {len(layers)}")
+    for parts, heads, neuron_scores, fraction in zip(
+        layers, keep_heads, scores.neurons, ffn, strict=True
+    ):
         count = len(neuron_scores)
-        keep_n = max(1, count - round(count * step.ffn))
+        keep_n = max(1, count - round(count * fraction))
         neurons = np.argsort(-neuron_scores, kind="stable")[:keep_n].tolist()
         slice_layer(model, parts, heads, neurons if keep_n < count else None)
     sparsity = unstructured_sparsity(model, step.unstructured) if step.unstructured else 0.0

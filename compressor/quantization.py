@@ -22,6 +22,8 @@ from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
 
+from edgec.errors import RecipeError
+
 SIM_ATTR = "_edgec_activation_quant"
 
 
@@ -138,7 +140,12 @@ def quantize(
     ones are left in float (bisection on the count) so the minimum cosine on ``data`` meets it.
     """
     linears = quantizable(model)
-    names = list(linears)
+    unknown = sorted(set(step.exclude) - set(linears))
+    if unknown:
+        raise RecipeError(
+            f"quantize.exclude names no block Linear: {unknown}; Linears: {sorted(linears)}"
+        )
+    names = [n for n in linears if n not in step.exclude]
     excluded: list[str] = []
     sensitivity: dict[str, float] = {}
 
@@ -163,6 +170,7 @@ def quantize(
                         low = mid
                     bar.update()
             excluded = order[:high]
+    excluded = [n for n in linears if n in step.exclude] + excluded
     chosen = [n for n in names if n not in excluded]
     apply_int8(model, linears, chosen, step.per_channel)
     tables = quantize_tables(model) if step.embeddings else []

@@ -32,6 +32,16 @@ def _choice(step: str, name: str, value: object, valid: tuple[str, ...]) -> None
         raise RecipeError(f"{step}.{name} must be one of {list(valid)}, got {value!r}")
 
 
+def _pairs(step: str, name: str, value: object) -> tuple[tuple[str, int], ...]:
+    """A mapping or a list of (name, value) pairs as sorted pairs, refusing anything else."""
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = tuple((str(k), v) for k, v in items)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise RecipeError(f"{step}.{name} must map names to values, got {value!r}") from None
+    return tuple(sorted(pairs))
+
+
 def _positive_int(step: str, name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise RecipeError(f"{step}.{name} must be a positive integer, got {value!r}")
@@ -42,12 +52,12 @@ class PruneStep:
     """Structured pruning (heads, FFN neurons) and unstructured magnitude sparsity.
 
     ``heads``: fraction of heads removed per layer, or a list of heads kept per layer.
-    ``ffn``: fraction of intermediate neurons removed per layer. ``unstructured``: fraction of
+    ``ffn``: fraction of intermediate neurons removed per layer, or a list of fractions by layer. ``unstructured``: fraction of
     the remaining Linear weights zeroed by magnitude (shrinks the compressed artifact, not latency).
     """
 
     heads: float | tuple[int, ...] = 0.0
-    ffn: float = 0.0
+    ffn: float | tuple[float, ...] = 0.0
     unstructured: float = 0.0
     importance: Importance = "taylor"
     batches: int = 8  # calibration batches used for importance scores
@@ -61,7 +71,12 @@ class PruneStep:
                 _positive_int("prune", "heads (kept per layer)", kept)
         else:
             _fraction("prune", "heads", self.heads)
-        _fraction("prune", "ffn", self.ffn)
+        if isinstance(self.ffn, list | tuple):
+            object.__setattr__(self, "ffn", tuple(self.ffn))
+            for fraction in self.ffn:
+                _fraction("prune", "ffn (per layer)", fraction)
+        else:
+            _fraction("prune", "ffn", self.ffn)
         _fraction("prune", "unstructured", self.unstructured)
         _choice("prune", "importance", self.importance, ("taylor", "magnitude"))
         _positive_int("prune", "batches", self.batches)
@@ -97,6 +112,8 @@ class ShareStep:
     round Linears onto their codebooks with GPTQ's error feedback (per-channel only).
     ``allocate``: give each Linear its own width (``bits`` - 2 to ``bits`` + 2) by its measured
     effect on the outputs, within the bytes ``bits`` would take (``compressor.bit_allocation``).
+    ``widths``: explicit widths by weight name (a mapping, or name/bits pairs), overriding
+    ``bits`` and ``allocate`` for those weights; a name the model does not share is an error.
     """
 
     bits: int = 4
@@ -107,6 +124,7 @@ class ShareStep:
     gptq: bool = True
     allocate: bool = False
     iterations: int = 15
+    widths: tuple[tuple[str, int], ...] = ()
 
     kind = "share"
 
@@ -123,6 +141,10 @@ class ShareStep:
         for layer in self.layers:
             _choice("share", "layers", layer, ("linears", "embeddings"))
         _positive_int("share", "iterations", self.iterations)
+        object.__setattr__(self, "widths", _pairs("share", "widths", self.widths))
+        for weight, bits in self.widths:
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+                raise RecipeError(f"share.widths[{weight!r}] must be an integer 2..8, got {bits!r}")
         for name in ("sensitivity", "gptq", "allocate"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(
@@ -136,7 +158,8 @@ class QuantizeStep:
 
     ``fidelity_floor``: minimum cosine against the original; Linears fall back to float, most
     sensitive first, until it is met. ``embeddings``: also put the word and position embedding
-    tables on a per-row int8 grid (stored int8, dequantized after the lookup).
+    tables on a per-row int8 grid (stored int8, dequantized after the lookup). ``exclude``:
+    Linears (module names) kept in float whatever the floor says.
     """
 
     mode: QuantMode = "dynamic"
@@ -144,6 +167,7 @@ class QuantizeStep:
     per_channel: bool = True
     fidelity_floor: float | None = None
     embeddings: bool = False
+    exclude: tuple[str, ...] = ()
 
     kind = "quantize"
 
@@ -152,6 +176,9 @@ class QuantizeStep:
         _choice("quantize", "calibration", self.calibration, ("minmax", "percentile", "entropy"))
         if self.fidelity_floor is not None:
             _fraction("quantize", "fidelity_floor", self.fidelity_floor, upper=1.0000001)
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if not all(isinstance(name, str) for name in self.exclude):
+            raise RecipeError(f"quantize.exclude must list module names, got {self.exclude!r}")
         for name in ("per_channel", "embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(

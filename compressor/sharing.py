@@ -22,6 +22,8 @@ from edgec.models.spec import ModelSpec
 from torch import nn
 from tqdm import tqdm
 
+from edgec.errors import RecipeError
+
 GPTQ_BATCHES = 16  # calibration batches for the input Gram matrices
 
 
@@ -223,7 +225,15 @@ def share_weights(
     before it already shared, so later blocks compensate for earlier errors (as GPTQ does).
     """
     targets = shared_weights(model, step)
+    unknown = sorted(name for name, _ in step.widths if name not in targets)
+    if unknown:
+        raise RecipeError(
+            f"share.widths names weights this step does not share: {unknown}; "
+            f"shared: {sorted(targets)}"
+        )
     allocation = _allocate(model, spec, step, data, targets) if step.allocate else None
+    for name, bits in step.widths:  # explicit widths win over the uniform and allocated ones
+        targets[name] = (targets[name][0], bits)
     use_gptq = step.gptq and step.granularity == "channel"
     head = Dataset(data.batches[: GPTQ_BATCHES if use_gptq else 4], None, data.origin)
     bits_of: dict[str, int] = {}
