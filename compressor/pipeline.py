@@ -42,7 +42,7 @@ from edgec.models.checkpoint import save_checkpoint
 from edgec.models.spec import ModelSpec
 from torch import nn
 
-from edgec.errors import EdgecError, FidelityError
+from edgec.errors import EdgecError, FidelityError, RecipeError
 
 # Batches on which smoothing and int8 fallbacks are chosen: a minimum cosine over few sentences
 # is optimistic (8 batches met 0.993 where the 200 held-out sentences gave 0.987).
@@ -271,8 +271,13 @@ def compress(
     on_step: Callable[[str], None] | None = None,
     off_domain: str | os.PathLike[str] | None = None,
     predict_memory: bool = True,
+    **auto: Any,
 ) -> CompressResult:
     """Compress ``source`` with ``recipe`` into a checkpoint at ``output``.
+
+    ``recipe="auto"``: search for it instead (``edgec.compressor.search.search``, which takes
+    ``floor``, ``objective``, ``devices``, ``budget_minutes``, ``max_candidates`` from ``auto``)
+    and return its ``SearchResult``.
 
     ``predict_memory``: export the checkpoint once to a temporary package to predict the
     memory a device pays for it (``CompressResult.memory_bytes``, in the report).
@@ -282,6 +287,14 @@ def compress(
     Wikipedia sentences). Raises ``FidelityError`` (after writing the checkpoint) when the
     recipe's floor is not met on the held-out set or on the off-domain set.
     """
+    if isinstance(recipe, str) and recipe == "auto":
+        from edgec.compressor.search import search
+
+        return search(
+            source, output, calib=calib, eval=eval, off_domain=off_domain, on_step=on_step, **auto
+        )
+    if auto:
+        raise RecipeError(f"{sorted(auto)} only apply to recipe='auto'")
     say = on_step or (lambda _: None)
     plan = load_recipe(recipe)
     torch.manual_seed(plan.seed)

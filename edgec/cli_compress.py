@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
+from edgec.errors import RecipeError
 from edgec.table import format_table, human_bytes
+
+AUTO = "auto"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -16,7 +19,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 @click.command()
 @click.argument("source")
 @click.option(
-    "--recipe", required=True, help="Built-in recipe (int8, balanced, smallest) or YAML file."
+    "--recipe",
+    required=True,
+    help="Built-in recipe (int8, balanced, smallest), a YAML file, or `auto`: search for the "
+    "best model for --floor and --objective, by measurement.",
 )
 @click.option(
     "-o",
@@ -41,6 +47,37 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     help="Held-out data from another domain: fidelity and the floor are checked on it too "
     "(without --calib, a built-in model's bundled set, if it has one).",
 )
+@click.option(
+    "--floor",
+    help="With --recipe auto: the fidelity to keep on both held-out sets, e.g. "
+    "min_cosine=0.99[,mean_cosine=0.995,accuracy_drop=1.0].",
+)
+@click.option(
+    "--objective",
+    default="size",
+    show_default=True,
+    help="With --recipe auto: what the chosen model minimises: size (package bytes), latency "
+    "(ms at b1x128) or memory (resident bytes). Checked by the search (torch is not imported "
+    "for --help).",
+)
+@click.option(
+    "--devices",
+    type=click.Path(path_type=Path),
+    help="With --recipe auto: a device profile YAML; latency is the cost model's on its first "
+    "device and its memory_mb bounds the choice (else latency is measured here).",
+)
+@click.option(
+    "--budget-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="With --recipe auto: no candidate is started that would end past this.",
+)
+@click.option(
+    "--max-candidates",
+    type=click.IntRange(min=1),
+    help="With --recipe auto: build and measure at most this many candidates.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compress(
     source: str,
@@ -49,11 +86,37 @@ def compress(
     calib: Path | None,
     eval_data: Path | None,
     off_domain: Path | None,
+    floor: str | None,
+    objective: str,
+    devices: Path | None,
+    budget_minutes: float,
+    max_candidates: int | None,
     as_json: bool,
 ) -> None:
     """Compress SOURCE with RECIPE into a checkpoint; `edgec export CKPT -o PKG` packages it."""
     from edgec.cli import emit_json, progress  # here: edgec.cli imports this module
     from edgec.compressor import compress as run_compress
+
+    if recipe == AUTO:
+        if floor is None:
+            raise RecipeError("--recipe auto needs --floor, e.g. --floor min_cosine=0.99")
+        _auto(
+            source,
+            output,
+            floor,
+            objective,
+            devices,
+            budget_minutes,
+            max_candidates,
+            calib,
+            eval_data,
+            off_domain,
+            as_json,
+        )
+        return
+    given = [n for n, v in (("--floor", floor), ("--devices", devices)) if v is not None]
+    if given or max_candidates is not None:
+        raise RecipeError(f"{', '.join(given) or '--max-candidates'} only apply to --recipe auto")
 
     result = run_compress(
         source,
@@ -115,3 +178,71 @@ def compress(
         )
     for note in result.notes:
         click.echo(f"note: {note}")
+
+
+def _auto(
+    source: str,
+    output: Path,
+    floor: str,
+    objective: str,
+    devices: Path | None,
+    budget_minutes: float,
+    max_candidates: int | None,
+    calib: Path | None,
+    eval_data: Path | None,
+    off_domain: Path | None,
+    as_json: bool,
+) -> None:
+    """``--recipe auto``: the search, then its frontier as a table."""
+    from edgec.cli import emit_json, progress
+    from edgec.compressor.search import search
+
+    result = search(
+        source,
+        output,
+        floor,
+        objective,
+        devices=devices,
+        budget_minutes=budget_minutes,
+        max_candidates=max_candidates,
+        calib=calib,
+        eval=eval_data,
+        off_domain=off_domain,
+        on_step=progress,
+    )
+    if as_json:
+        emit_json({"checkpoint": str(result.path), **result.record})
+        return
+    rows = []
+    for m in sorted(result.measured, key=lambda m: m.value(objective)):
+        off = m.fidelity_off_domain
+        rows.append(
+            [
+                "*" if m.candidate == result.chosen.candidate else "",
+                m.candidate.label,
+                human_bytes(m.package_bytes),
+                human_bytes(m.memory_bytes),
+                f"{m.latency_ms():.1f}",
+                _fmt(m.fidelity.cos_min),
+                "–" if off is None else _fmt(off.cos_min),
+                _fmt(m.fidelity.accuracy, 2),
+                "yes" if m.meets else "no",
+            ]
+        )
+    headers = [
+        "",
+        "candidate",
+        "package",
+        "memory (pred.)",
+        "ms b1x128" + (" (device)" if devices else ""),
+        "cos min",
+        "off-domain cos min",
+        "accuracy %",
+        "meets floor",
+    ]
+    title = (
+        f"checkpoint {result.path}: {len(result.measured)} of {result.predicted} candidates "
+        f"measured for {objective} ({result.seconds / 60:.1f} min; {result.stopped})"
+    )
+    click.echo(format_table(headers, rows, title=title))
+    click.echo(f"`edgec report {result.path} -o report.html` draws the frontier")
