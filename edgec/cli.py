@@ -331,12 +331,19 @@ def _stages_table(root: Path, manifest: Manifest, title: str = "") -> str:
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def inspect(package: Path, as_json: bool) -> None:
+@click.option(
+    "--diagnose",
+    is_flag=True,
+    help="Also profile it: operators left float and why, the CPU's int8 instructions, time by "
+    "operator type.",
+)
+def inspect(package: Path, as_json: bool, diagnose: bool) -> None:
     """Verify PACKAGE and show its manifest.
 
     The checks are those load_package and sign run: the manifest's fields, paths inside the
     package, every file it names listed with its sha256, the hashes, and the inflated size of
     compressed files."""
+    from edgec.cli_report import echo_diagnosis
     from edgec.runtimes import read_package
 
     pkg = read_package(package)
@@ -359,6 +366,8 @@ def inspect(package: Path, as_json: bool) -> None:
     error = manifest.parity.get("max_abs_error")  # free-form: any JSON value
     if isinstance(error, int | float) and not isinstance(error, bool):
         click.echo(f"export parity: max abs error {error:.3g}")
+    if diagnose:
+        echo_diagnosis(package)
 
 
 def main() -> None:
@@ -371,12 +380,14 @@ def main() -> None:
 from edgec.cli_compress import compress as _compress  # noqa: E402
 from edgec.cli_devices import register as _register_device_commands  # noqa: E402
 from edgec.cli_federate import register as _register_federate_commands  # noqa: E402
+from edgec.cli_report import report as _report  # noqa: E402
 from edgec.cli_serve import register as _register_serve_commands  # noqa: E402
 
 cli.add_command(_compress)  # compress
 _register_device_commands(cli)  # profile-device, plan, partition, join
 _register_serve_commands(cli)  # serve-on-device, sign, keygen
 _register_federate_commands(cli)  # federate simulate|serve|join
+cli.add_command(_report)  # report
 
 if __name__ == "__main__":
     main()
