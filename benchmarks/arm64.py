@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ SERVED = "digits-balanced"  # scripts/arm64-check --server serves fp32 minilm
 FIDELITY_RECIPES = ["int8", "balanced", "smallest"]
 DIGITS = ["digits-fp32", "digits-balanced"]
 IMAGES = 64
+
+
+class Reused:
+    """A side whose outputs already in ``--work`` are kept (``--reuse``): the probes are
+    seeded, so a rerun writes the same inputs, and only what is missing runs."""
+
+    def __init__(self, side: Side):
+        self.side, self.name = side, side.name
+
+    def run(self, package_dir: Path, probe: Path, out: Path, command: str = "run") -> None:
+        if out.exists():
+            log(f"reusing {out}")
+            return
+        self.side.run(package_dir, probe, out, command)
 
 
 def log(message: str) -> None:
@@ -85,29 +100,38 @@ def fidelity(
         for prefix, held in sets.items()
     }
     rows, timing = [], {}
+    outputs = {}
+    for recipe in FIDELITY_RECIPES:  # here first (fast), then every recipe there at once
+        outputs[recipe, "x86"] = work / f"heldout-{recipe}-here.npz"
+        here.run(bench / f"{recipe}.pkg", work / "heldout.npz", outputs[recipe, "x86"], "batches")
+
+    def run_there(recipe: str) -> None:
+        log(f"held-out sets through {recipe} on {there.name}")
+        outputs[recipe, "aarch64"] = work / f"heldout-{recipe}-aarch64.npz"
+        started = time.time()
+        there.run(
+            bench / f"{recipe}.pkg", work / "heldout.npz", outputs[recipe, "aarch64"], "batches"
+        )
+        timing[recipe] = round(time.time() - started, 1)
+
+    with ThreadPoolExecutor(len(FIDELITY_RECIPES)) as pool:
+        list(pool.map(run_there, FIDELITY_RECIPES))
     for recipe in FIDELITY_RECIPES:
-        package = bench / f"{recipe}.pkg"
         row: dict[str, Any] = {"package": recipe}
         floor = BUILTIN_RECIPES[recipe].floor.min_cosine if recipe in BUILTIN_RECIPES else None
         row["floor_min_cosine"] = floor
-        for side in (here, there):
-            log(f"held-out sets through {recipe} on {side.name}")
-            out = work / f"heldout-{recipe}-{side.name}.npz"
-            started = time.time()
-            side.run(package, work / "heldout.npz", out, command="batches")
-            timing[f"{recipe}@{side.name}"] = round(time.time() - started, 1)
-            with np.load(out) as outputs:
+        for key in ("x86", "aarch64"):
+            with np.load(outputs[recipe, key]) as result:
                 for prefix, held in sets.items():
                     pooled = np.concatenate(
                         [
-                            _pool(outputs[f"{prefix}{i}:last_hidden_state"], b["attention_mask"])
+                            _pool(result[f"{prefix}{i}:last_hidden_state"], b["attention_mask"])
                             for i, b in enumerate(held)
                         ]
                     )
                     cos = _cosines(references[prefix], pooled)
-                    key = "x86" if side is here else "aarch64"
                     row.update({f"{key}_{prefix}{k}": v for k, v in cos.items()})
-                    row.setdefault(f"_{key}_{prefix}pooled", pooled)
+                    row[f"_{key}_{prefix}pooled"] = pooled
         for prefix in sets:
             between = _cosines(row.pop(f"_x86_{prefix}pooled"), row.pop(f"_aarch64_{prefix}pooled"))
             row[f"aarch64_vs_x86_{prefix}cos_min"] = between["cos_min"]
@@ -197,6 +221,9 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=CHECKOUT / "build/bench")
     parser.add_argument("--work", type=Path, default=CHECKOUT / "build/arm64")
     parser.add_argument(
+        "--reuse", action="store_true", help="keep aarch64 outputs already in --work"
+    )
+    parser.add_argument(
         "--cpus",
         default=",".join(CPUS),
         help="CPUs qemu emulates, comma-separated: the first runs everything; each runs the "
@@ -215,6 +242,11 @@ def main() -> None:
     root_info = root.ensure()
     install = root.install(CHECKOUT)
     here = LocalSide("here")
+
+    def chroot(cpu: str) -> Side:
+        side = ChrootSide(roots[cpu], name=f"aarch64 {cpu}")
+        return Reused(side) if args.reuse else side
+
     images = digits("test")[0][:IMAGES]
     seconds: dict[str, float] = {}
     reports = []
@@ -223,7 +255,7 @@ def main() -> None:
         log(f"{name}: here and on aarch64 ({cpus[0]})")
         tic = time.time()
         report = check_package(
-            package, args.work / "probes" / name, here, ChrootSide(root), images=images, label=name
+            package, args.work / "probes" / name, here, chroot(cpus[0]), images=images, label=name
         )
         seconds[name] = round(time.time() - tic, 1)
         print(format_report(report), flush=True)
@@ -235,14 +267,14 @@ def main() -> None:
             tic = time.time()
             divergence[f"{name} ({cpu})"] = diagnose(
                 args.bench / f"{name}.pkg", args.work / "nodes" / f"{name}-{cpu}", here,
-                ChrootSide(roots[cpu], name=f"aarch64 {cpu}"),
+                chroot(cpu),
             )  # fmt: skip
             seconds[f"{name} nodes ({cpu})"] = round(time.time() - tic, 1)
             print(format_divergence(divergence[f"{name} ({cpu})"]), flush=True)
     log(f"serve-on-device {SERVED}.pkg in the root")
     server = check_server(root, args.bench / f"{SERVED}.pkg", [], images)
     fidelity_rows, fidelity_seconds = fidelity(
-        args.bench, args.work / "fidelity", here, ChrootSide(root, name=f"aarch64 {cpus[0]}")
+        args.bench, args.work / "fidelity", here, chroot(cpus[0])
     )
     import onnxruntime
 

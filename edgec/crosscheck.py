@@ -86,9 +86,10 @@ class ProbeSize:
     length: int
 
 
-# Emulated float is slow: qemu runs float SIMD through soft-float helpers (fp32 minilm, 1 x 64
-# tokens: 14 s under qemu, int8 2 s), and a float graph is judged per element, which a few rows
-# show. Graphs with int8 activations are judged per row, by the worst row: they get more rows.
+# Emulated float is slow: qemu runs float SIMD through soft-float helpers (under qemu on 2 loaded
+# cores, ``there.run_s``: fp32 minilm 593 s for 16 sentences and 4 x 32 tokens, int8 282 s for 64
+# sentences and 8 x 64 tokens), and a float graph is judged per element, which a few rows show.
+# Graphs with int8 activations are judged per row, by the worst row: they get more rows.
 PROBE_SIZES: dict[Kind, ProbeSize] = {
     "float": ProbeSize(sentences=16, rows=4, length=32),
     "int8": ProbeSize(sentences=64, rows=TOKEN_ROWS, length=TOKEN_LENGTH),
@@ -593,11 +594,19 @@ def compare_package(
     return report
 
 
+def _stages(stages: Sequence[str], shown: int = 3) -> str:
+    """``stage@device`` names, or for many stages their count and devices."""
+    if len(stages) <= shown:
+        return "stages " + ", ".join(stages)
+    devices = sorted({s.rpartition("@")[2] for s in stages})
+    return f"{len(stages)} stages on {', '.join(devices)}"
+
+
 def format_report(report: PackageReport) -> str:
     """The table for one package, a line for its tolerance and one per failure."""
     there = report.there
     title = (
-        f"{report.package}: {report.kind} · stages {', '.join(report.stages)} · "
+        f"{report.package}: {report.kind} · {_stages(report.stages)} · "
         f"there {there.get('machine', '?')} onnxruntime {there.get('onnxruntime', '?')}"
     )
     if report.error is not None:

@@ -330,7 +330,8 @@ def serve_once(
 ) -> tuple[dict[str, object], float]:
     """Start ``edgec serve-on-device`` on the package in the root (port 0), wait until it says
     where it listens, POST one Open Inference Protocol request from here, then SIGTERM it.
-    Returns the JSON answer and the seconds the server took to start."""
+    Returns the JSON answer and the seconds the server took to start. The server's request
+    timeout is ``timeout`` too: an emulated float request takes tens of seconds."""
     import re
     import urllib.request
 
@@ -345,6 +346,8 @@ def serve_once(
             "0",
             "--max-batch",
             "1",
+            "--timeout-s",
+            str(int(timeout)),
         ]
     )
     lines: list[str] = []
