@@ -17,7 +17,9 @@
 4. Bytes a device sends a round (the codebooks, as Flower serializes them) against the full
    fp32 weights.
 
-Writes JSON to ``--out`` and a markdown table beside it (``.md``).
+Writes JSON to ``--out`` and a markdown table beside it (``.md``); each part's result is kept
+in ``build/<out's stem>.parts/`` (``--part federated`` and ``--part central`` may run as two
+processes at once, and the results are written when both are there).
 """
 
 from __future__ import annotations
@@ -118,6 +120,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)  # the balanced recipe's distill lr
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federated.json"))
+    parser.add_argument(
+        "--part",
+        choices=["all", "federated", "central"],
+        default="all",
+        help="Run one part (two processes can run the two at once); the results are written "
+        "once both parts are there.",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     plan = FederatedPlan(
@@ -126,24 +135,41 @@ def main() -> None:
         local=LocalTraining(steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
     )
     files = client_files(args.clients)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        run = simulate(args.ckpt, files, Path(tmp) / "federated.ckpt", plan)
-    baseline = central(args.ckpt, files, plan)
-    rounds = run.report["rounds"]
-    ups = [r["bytes_up_per_client"] for r in rounds[1:]]
-    result = {
-        "command": "python benchmarks/federated.py "
+    command = (
+        "python benchmarks/federated.py "
         + f"--ckpt {args.ckpt} --rounds {args.rounds} --local-steps {args.local_steps} "
-        + f"--lr {args.lr} --batch-size {args.batch_size}",
+        + f"--lr {args.lr} --batch-size {args.batch_size}"
+    )
+    parts = Path("build") / f"{args.out.stem}.parts"  # each part's result: the two can run at once
+    parts.mkdir(parents=True, exist_ok=True)
+    if args.part in ("federated", "all"):
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            run = simulate(args.ckpt, files, Path(tmp) / "federated.ckpt", plan)
+        piece = {"report": run.report, "seconds": time.perf_counter() - started}
+        (parts / "federated.json").write_text(json.dumps(piece), encoding="utf-8")
+    if args.part in ("central", "all"):
+        started = time.perf_counter()
+        piece = {"central": central(args.ckpt, files, plan), "seconds": 0.0}
+        piece["seconds"] = time.perf_counter() - started
+        (parts / "central.json").write_text(json.dumps(piece), encoding="utf-8")
+    if not all((parts / f"{p}.json").is_file() for p in ("federated", "central")):
+        return
+    fed = json.loads((parts / "federated.json").read_text(encoding="utf-8"))
+    cen = json.loads((parts / "central.json").read_text(encoding="utf-8"))
+    rounds = fed["report"]["rounds"]
+    ups = [r["bytes_up_per_client"] for r in rounds[1:]]
+    baseline = cen["central"]
+    result = {
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "seconds": round(time.perf_counter() - started, 1),
-        "federated": run.report,
+        "seconds": round(fed["seconds"] + cen["seconds"], 1),
+        "federated": fed["report"],
         "central": baseline,
         "rise": rounds[-1]["mean_of_min_cos"] - rounds[0]["mean_of_min_cos"],
         "gap_to_central": rounds[-1]["mean_of_min_cos"] - baseline["mean_of_min_cos"],
         "bytes_up_per_device": int(max(ups)),
-        "bytes_ratio_to_full": max(ups) / run.report["trainable"]["full_weights_bytes"],
+        "bytes_ratio_to_full": max(ups) / fed["report"]["trainable"]["full_weights_bytes"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
