@@ -93,45 +93,52 @@ def fidelity(
         for name, value in batch.items()
     }
     work.mkdir(parents=True, exist_ok=True)
-    np.savez(work / "heldout.npz", **batches)
+    for prefix, name in (("", "held"), ("off_", "off")):  # a file per set: twice the processes
+        chosen = {
+            k: v for k, v in batches.items() if k.split(":")[0].rstrip("0123456789") == prefix
+        }
+        np.savez(work / f"heldout-{name}.npz", **chosen)
     reference_run = _torch_variant("torch fp32 (eager)", model, 0).make()
     references = {
         prefix: np.concatenate([_pool(reference_run(b), b["attention_mask"]) for b in held])
         for prefix, held in sets.items()
     }
     rows, timing = [], {}
-    outputs = {}
-    for recipe in FIDELITY_RECIPES:  # here first (fast), then every recipe there at once
-        outputs[recipe, "x86"] = work / f"heldout-{recipe}-here.npz"
-        here.run(bench / f"{recipe}.pkg", work / "heldout.npz", outputs[recipe, "x86"], "batches")
+    jobs = [(recipe, name) for recipe in FIDELITY_RECIPES for name in ("held", "off")]
 
-    def run_there(recipe: str) -> None:
-        log(f"held-out sets through {recipe} on {there.name}")
-        outputs[recipe, "aarch64"] = work / f"heldout-{recipe}-aarch64.npz"
+    def out(recipe: str, name: str, key: str) -> Path:
+        return work / f"heldout-{recipe}-{name}-{key}.npz"
+
+    for recipe, name in jobs:  # here first (fast), then every recipe and set there at once
+        probe = work / f"heldout-{name}.npz"
+        here.run(bench / f"{recipe}.pkg", probe, out(recipe, name, "x86"), "batches")
+
+    def run_there(job: tuple[str, str]) -> None:
+        recipe, name = job
+        log(f"held-out set {name} through {recipe} on {there.name}")
         started = time.time()
-        there.run(
-            bench / f"{recipe}.pkg", work / "heldout.npz", outputs[recipe, "aarch64"], "batches"
-        )
-        timing[recipe] = round(time.time() - started, 1)
+        probe = work / f"heldout-{name}.npz"
+        there.run(bench / f"{recipe}.pkg", probe, out(recipe, name, "aarch64"), "batches")
+        timing[f"{recipe} {name}"] = round(time.time() - started, 1)
 
-    with ThreadPoolExecutor(len(FIDELITY_RECIPES)) as pool:
-        list(pool.map(run_there, FIDELITY_RECIPES))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(run_there, jobs))
     for recipe in FIDELITY_RECIPES:
         row: dict[str, Any] = {"package": recipe}
         floor = BUILTIN_RECIPES[recipe].floor.min_cosine if recipe in BUILTIN_RECIPES else None
         row["floor_min_cosine"] = floor
         for key in ("x86", "aarch64"):
-            with np.load(outputs[recipe, key]) as result:
-                for prefix, held in sets.items():
+            for (prefix, held), name in zip(sets.items(), ("held", "off"), strict=True):
+                with np.load(out(recipe, name, key)) as result:
                     pooled = np.concatenate(
                         [
                             _pool(result[f"{prefix}{i}:last_hidden_state"], b["attention_mask"])
                             for i, b in enumerate(held)
                         ]
                     )
-                    cos = _cosines(references[prefix], pooled)
-                    row.update({f"{key}_{prefix}{k}": v for k, v in cos.items()})
-                    row[f"_{key}_{prefix}pooled"] = pooled
+                cos = _cosines(references[prefix], pooled)
+                row.update({f"{key}_{prefix}{k}": v for k, v in cos.items()})
+                row[f"_{key}_{prefix}pooled"] = pooled
         for prefix in sets:
             between = _cosines(row.pop(f"_x86_{prefix}pooled"), row.pop(f"_aarch64_{prefix}pooled"))
             row[f"aarch64_vs_x86_{prefix}cos_min"] = between["cos_min"]
