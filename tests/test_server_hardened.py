@@ -479,3 +479,20 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(guarded):
         except AssertionError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_warming_runs_the_largest_call_the_server_makes(runtime, monkeypatch):
+    """``serve-on-device`` warms the model before taking traffic: one call of ``run_tokens``
+    tokens at the tokenizer's maximum length, the call whose attention tensors are biggest."""
+    shapes: list[tuple[int, ...]] = []
+    run = runtime.run
+
+    def recording(feeds):  # type: ignore[no-untyped-def]
+        shapes.append(next(iter(feeds.values())).shape)
+        return run(feeds)
+
+    monkeypatch.setattr(runtime, "run", recording)
+    model = ServedModel(runtime, run_tokens=1024)
+    assert model.warm()
+    longest = runtime.manifest.preprocessing.max_length
+    assert shapes == [(1024 // longest, longest)]

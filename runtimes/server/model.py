@@ -89,6 +89,24 @@ class ServedModel:
         self.batch_axis_name = _shared_batch_axis(manifest.inputs, manifest.outputs)
         self.vocab_size = self._vocab_size()
 
+    def warm(self) -> bool:
+        """Run the largest model call this server makes, once, before the first request.
+
+        onnxruntime's CPU arena grows to what the largest call needs and keeps it. A text call
+        holds at most ``run_tokens`` tokens, and its biggest tensors (attention scores, rows x
+        heads x length^2) are biggest at the longest sequence, so that call is
+        ``run_tokens // max_length`` rows of the tokenizer's maximum length. Run at start, the
+        resident memory the device pays is reached at once (a device that cannot hold it fails
+        before it takes traffic) and stays flat after. False for packages without a tokenizer:
+        their largest call depends on the shapes clients send.
+        """
+        if not self.text:
+            return False
+        rows = max(1, self.run_tokens // self.max_sequence)
+        longest = " ".join(["warm"] * (2 * self.max_sequence))  # cut at the maximum
+        answer_texts(self.runtime, [longest] * rows, run_tokens=self.run_tokens)
+        return True
+
     def _vocab_size(self) -> int | None:
         # the runtime's own tokenizer: loading it here also makes the server ready for text
         encoder = self.runtime.text_encoder

@@ -50,6 +50,7 @@ def load_app(
         max_request_rows=config.max_request_rows,
         max_text_chars=config.max_text_chars,
     )
+    model.warm()  # the arena's peak now, not in the night (``ServedModel.warm``)
     return create_app(model, config, clock)
 
 
