@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -20,6 +20,7 @@ Importance = Literal["taylor", "magnitude"]
 Granularity = Literal["tensor", "channel"]
 QuantMode = Literal["dynamic", "static"]
 Calibrator = Literal["minmax", "percentile", "entropy"]
+Layer = Literal["linears", "embeddings"]  # what a share step encodes
 
 
 def _fraction(step: str, name: str, value: float, upper: float = 1.0) -> None:
@@ -34,9 +35,9 @@ def _choice(step: str, name: str, value: object, valid: tuple[str, ...]) -> None
 
 def _pairs(step: str, name: str, value: object) -> tuple[tuple[str, int], ...]:
     """A mapping or a list of (name, value) pairs as sorted pairs, refusing anything else."""
-    items = value.items() if isinstance(value, dict) else value
+    items: Any = value.items() if isinstance(value, dict) else value
     try:
-        pairs = tuple((str(k), v) for k, v in items)  # type: ignore[union-attr]
+        pairs = tuple((str(k), v) for k, v in items)
     except (TypeError, ValueError):
         raise RecipeError(f"{step}.{name} must map names to values, got {value!r}") from None
     return tuple(sorted(pairs))
@@ -78,7 +79,7 @@ class PruneStep:
         else:
             _fraction("prune", "ffn", self.ffn)
         _fraction("prune", "unstructured", self.unstructured)
-        _choice("prune", "importance", self.importance, ("taylor", "magnitude"))
+        _choice("prune", "importance", self.importance, get_args(Importance))
         _positive_int("prune", "batches", self.batches)
 
 
@@ -119,7 +120,7 @@ class ShareStep:
     bits: int = 4
     embedding_bits: int | None = None
     granularity: Granularity = "channel"
-    layers: tuple[str, ...] = ("linears", "embeddings")
+    layers: tuple[Layer, ...] = ("linears", "embeddings")
     sensitivity: bool = True
     gptq: bool = True
     allocate: bool = False
@@ -134,12 +135,12 @@ class ShareStep:
                 continue
             if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
                 raise RecipeError(f"share.{name} must be an integer 2..8, got {bits!r}")
-        _choice("share", "granularity", self.granularity, ("tensor", "channel"))
+        _choice("share", "granularity", self.granularity, get_args(Granularity))
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers:
-            raise RecipeError("share.layers is empty; valid: ['embeddings', 'linears']")
+            raise RecipeError(f"share.layers is empty; valid: {sorted(get_args(Layer))}")
         for layer in self.layers:
-            _choice("share", "layers", layer, ("linears", "embeddings"))
+            _choice("share", "layers", layer, get_args(Layer))
         _positive_int("share", "iterations", self.iterations)
         object.__setattr__(self, "widths", _pairs("share", "widths", self.widths))
         for weight, bits in self.widths:
@@ -172,8 +173,8 @@ class QuantizeStep:
     kind = "quantize"
 
     def __post_init__(self) -> None:
-        _choice("quantize", "mode", self.mode, ("dynamic", "static"))
-        _choice("quantize", "calibration", self.calibration, ("minmax", "percentile", "entropy"))
+        _choice("quantize", "mode", self.mode, get_args(QuantMode))
+        _choice("quantize", "calibration", self.calibration, get_args(Calibrator))
         if self.fidelity_floor is not None:
             _fraction("quantize", "fidelity_floor", self.fidelity_floor, upper=1.0000001)
         object.__setattr__(self, "exclude", tuple(self.exclude))
