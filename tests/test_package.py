@@ -429,6 +429,7 @@ def test_every_manifest_field_has_a_json_form():
 
     from edgec.runtimes import manifest as m
     from edgec.runtimes.lowbit import CodedWeight
+
     from edgec.schema import describe
 
     classes = (

@@ -88,7 +88,10 @@ def test_entry_and_exit_must_be_listed_devices():
     again = DeviceSet.from_json(data)
     assert (again.entry_device, again.exit_device) == ("server", "phone")
     assert DeviceSet((PHONE, SERVER)).entry_device == "phone"  # default: the first device
-    with pytest.raises(DeviceError, match=r"unknown keys \['entrance'\]; known: \['devices', 'entry', 'exit', 'links'\]"):
+    with pytest.raises(
+        DeviceError,
+        match=r"unknown keys \['entrance'\]; known: \['devices', 'entry', 'exit', 'links'\]",
+    ):
         DeviceSet.from_json({"devices": [{"name": "a"}], "entrance": "a"})
 
 

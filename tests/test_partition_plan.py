@@ -53,7 +53,10 @@ def test_the_minimum_schema_loads(tmp_path):
             r"devices.yaml.devices\[0\].matmul_int8_curve\[0\] must be a list of 2 items",
         ),
         ("devices: [{name: a}]\nentry: 3", r"devices.yaml.entry must be a string or null, got 3"),
-        ("devices: [{name: a}]\nlinks: [{between: [a]}]", r"links\[0\].between must be a list of 2"),
+        (
+            "devices: [{name: a}]\nlinks: [{between: [a]}]",
+            r"links\[0\].between must be a list of 2",
+        ),
         ("devices: [{name: a}, {name: a}]", r"\['a'\] appear more than once"),
         ("devices: [{name: a}]\nlinks: [{between: [a, z]}]", "unknown device 'z'"),
         ("devices: [{name: a}]\nlinks: [{between: [a, a], bandwidth_mbps: -5}]", "bandwidth_mbps"),
