@@ -119,7 +119,7 @@ def check_checkpoint_json(meta: Any, where: str = CHECKPOINT_FILE) -> None:
         version = meta.get("format_version")
         if type(version) is not int or version not in SUPPORTED_CHECKPOINT_VERSIONS:
             raise SourceError(
-                f"{where}.format_version is {shown(version)}; this edgec reads "
+                f"{where} has format_version {shown(version)}; this edgec reads "
                 f"{list(SUPPORTED_CHECKPOINT_VERSIONS)}"
             )
     check_unicode(meta, where, error=SourceError)

@@ -53,8 +53,8 @@ def test_the_checkpoints_compress_writes_pass(compressed_bert):
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("format_version", True, r"format_version is True; this edgec reads \[1\]"),
-        ("format_version", 1.0, r"format_version is 1.0"),
+        ("format_version", True, r"has format_version True; this edgec reads \[1\]"),
+        ("format_version", 1.0, r"has format_version 1.0"),
         ("kind", "edgec-package", r"\.kind must be one of \['edgec-checkpoint'\], got 'edgec-"),
         ("shapes.heads", [2, "four"], r"\.shapes\.heads\[1\] must be an integer in int64"),
         (
