@@ -279,6 +279,63 @@ def render_png(data: ReportData) -> bytes:
     return buffer.getvalue()
 
 
+OBJECTIVE_UNITS = {"size": "MB", "memory": "MB", "latency": "ms b1 x 128"}
+BEATERS_SHOWN = 12
+
+
+def beat_the_choice(search: dict[str, Any]) -> list[dict[str, Any]]:
+    """Candidates better than the chosen one on the objective, best first, and why each was not
+    chosen: measured ones with what they missed, then the predicted frontier's, with their
+    predicted min cosine against the floor (or, above it, why the search did not build them).
+    The answer to "why is nothing faster than int8" when the chosen one is int8."""
+    objective = search["objective"]
+    chosen = next((m for m in search["measured"] if m["label"] == search.get("chosen")), None)
+    if chosen is None:
+        return []
+
+    def value(m: dict[str, Any]) -> float:
+        if objective == "size":
+            return float(m["package_bytes"])
+        if objective == "memory":
+            return float(m["memory_bytes"])
+        device = m.get("ms_b1x128_device")
+        return float(device if device is not None else m["ms_b1x128_here"])
+
+    scale = 1e-6 if objective in ("size", "memory") else 1.0
+    best = value(chosen)
+    floor = search["floor"].get("min_cosine")
+    rows: list[dict[str, Any]] = []
+    measured = {m["label"] for m in search["measured"]}
+    for m in sorted(search["measured"], key=value):
+        if value(m) < best and not m["meets_floor"]:
+            off = m.get("fidelity_off_domain") or m["fidelity"]
+            rows.append(
+                {
+                    "label": m["label"],
+                    "value": f"{value(m) * scale:.2f}",
+                    "cos_min": min(m["fidelity"]["cos_min"], off["cos_min"]),
+                    "kind": "measured",
+                    "why": "; ".join(m["failures"]),
+                }
+            )
+    for p in search.get("predicted_frontier", []):
+        if p["objective"] >= best or p["label"] in measured:
+            continue
+        below = floor is not None and p["cos_min"] < floor
+        rows.append(
+            {
+                "label": p["label"],
+                "value": f"{p['objective'] * scale:.2f}",
+                "cos_min": p["cos_min"],
+                "kind": "predicted",
+                "why": f"predicted min cosine {p['cos_min']:.4f} < floor {floor}"
+                if below
+                else f"not built: {search['stopped']}",
+            }
+        )
+    return rows[:BEATERS_SHOWN]
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
@@ -365,6 +422,22 @@ def render_html(data: ReportData, png: bytes, diagnosis: Diagnosis | None) -> st
                 rows,
             )
         )
+        beaters = beat_the_choice(s)
+        if beaters:
+            unit = OBJECTIVE_UNITS.get(s["objective"], "")
+            parts.append(
+                f"<h3>What would beat the chosen one on {e(s['objective'])}, and why it was "
+                "not chosen</h3>"
+            )
+            parts.append(
+                _table(
+                    ["candidate", f"{s['objective']} ({unit})", "cos min", "", "why not"],
+                    [
+                        [b["label"], b["value"], _f(b["cos_min"]), b["kind"], b["why"]]
+                        for b in beaters
+                    ],
+                )
+            )
     parts.append("<h2>Layers: bits, compute, heads, and why</h2>")
     keys = [
         "linear",

@@ -199,3 +199,44 @@ def test_recipe_steps_the_search_needs(
         ShareStep(widths={"x.weight": 9})
     with pytest.raises(RecipeError, match="ffn"):
         PruneStep(ffn=(0.25, 1.5))
+
+
+@pytest.mark.parametrize(("memory_mb", "code"), [(500, 0), (0.01, 7)])
+def test_memory_objective_on_a_device_profile(
+    wide_bert: Path, text_calibration: Path, tmp_path: Path, memory_mb: float, code: int
+) -> None:
+    """``--objective memory --devices``: latency comes from the cost model on the profile, and a
+    device too small for every candidate is a floor miss naming the memory (exit 7)."""
+    devices = tmp_path / "board.yaml"
+    devices.write_text(
+        f"devices:\n  - {{name: board, threads: 1, memory_mb: {memory_mb}}}\n", encoding="utf-8"
+    )
+    out = tmp_path / "ckpt"
+    result = run_edgec(
+        "compress",
+        str(wide_bert),
+        "--recipe",
+        "auto",
+        "--floor",
+        "min_cosine=0.9",
+        "--objective",
+        "memory",
+        "--devices",
+        str(devices),
+        "--max-candidates",
+        "1",
+        "--calib",
+        str(text_calibration),
+        "-o",
+        str(out),
+    )
+    assert result.returncode == code, result.stderr
+    if code:
+        assert "memory" in result.stderr and "device 'board' 0.01 MB" in result.stderr
+        assert not out.exists()
+        return
+    search = json.loads((out / "search.json").read_text())
+    assert search["objective"] == "memory" and search["device"]["name"] == "board"
+    (chosen,) = search["measured"]
+    assert chosen["ms_b1x128_device"] > 0  # the cost model on the profile, not this machine
+    assert 0 < chosen["memory_bytes"] <= 500e6

@@ -139,3 +139,53 @@ def test_cpu_int8_instructions(cpuinfo: str, best: str | None, features: list[st
         assert found.best is None and "no gain" in found.expected_gain
     else:
         assert found.best is not None and found.best.startswith(best)
+
+
+def test_what_would_beat_the_choice_and_why_not() -> None:
+    """The answer to "why is nothing faster (or smaller)": measured candidates better on the
+    objective with what they missed, then the predicted frontier's below the chosen one."""
+    from edgec.compressor.report import beat_the_choice
+
+    def measured(label: str, mb: float, cos: float, failures: list[str]) -> dict:
+        fid = {"cos_min": cos}
+        return {
+            "label": label,
+            "package_bytes": int(mb * 1e6),
+            "memory_bytes": 0,
+            "ms_b1x128_here": 1.0,
+            "ms_b1x128_device": None,
+            "fidelity": fid,
+            "fidelity_off_domain": None,
+            "meets_floor": not failures,
+            "failures": failures,
+        }
+
+    search = {
+        "objective": "size",
+        "floor": {"min_cosine": 0.99},
+        "chosen": "c",
+        "stopped": "the time budget (1 min) was spent",
+        "measured": [
+            measured("c", 10, 0.995, []),
+            measured("small", 8, 0.95, ["held-out: min cosine 0.95 < floor 0.99"]),
+            measured("big", 12, 0.999, []),
+        ],
+        "predicted_frontier": [
+            {"label": "tiny", "objective": 5e6, "cos_min": 0.9},
+            {"label": "small", "objective": 8e6, "cos_min": 0.99},  # measured: listed once
+            {"label": "untried", "objective": 9e6, "cos_min": 0.995},
+            {"label": "large", "objective": 11e6, "cos_min": 0.999},
+        ],
+    }
+    rows = beat_the_choice(search)
+    assert [(r["label"], r["kind"]) for r in rows] == [
+        ("small", "measured"),
+        ("tiny", "predicted"),
+        ("untried", "predicted"),
+    ]
+    assert rows[0]["why"] == "held-out: min cosine 0.95 < floor 0.99"
+    assert rows[1]["why"] == "predicted min cosine 0.9000 < floor 0.99"
+    assert rows[2]["why"] == "not built: the time budget (1 min) was spent"
+    assert rows[0]["value"] == "8.00"
+    search["chosen"] = "tiny"  # never measured: no chosen figures to compare with
+    assert beat_the_choice(search) == []
