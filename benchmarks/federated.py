@@ -36,14 +36,15 @@ from typing import Any
 import numpy as np
 from edgec.federated import FederatedPlan, LocalTraining, simulate
 from edgec.federated.apps import client_files
-from edgec.federated.local import Device, pooled_device
+from edgec.federated.local import Device, pooled_device, resolve_teacher
+from edgec.federated.trainable import MODES
 
 DOMAINS = Path(__file__).resolve().parent.parent / "models" / "zoo" / "domains"
 
 
 def central(ckpt: Path, files: list[Path], plan: FederatedPlan) -> dict[str, Any]:
     """Distil on the pooled training splits with the federated run's whole step budget."""
-    devices = [Device(ckpt, f) for f in files]
+    devices = [Device(ckpt, f, mode=plan.mode) for f in files]
     student = devices[0]
     start = student.trainable.extract(student.model)
     budget = plan.rounds * plan.local.steps * len(devices)
@@ -66,6 +67,36 @@ def central(ckpt: Path, files: list[Path], plan: FederatedPlan) -> dict[str, Any
     }
 
 
+def where_lost(ckpt: Path, files: list[Path]) -> dict[str, float]:
+    """Mean over devices of the held-out min cosine as the compressions are undone one by one:
+    the embeddings back to the original's float tables, then the activations back to float
+    (no dynamic int8). What stays is the shared Linears' loss, which recovery has to win."""
+    import dataclasses
+
+    import torch
+    from edgec.models import load_model
+
+    original, _ = load_model(resolve_teacher(Device(ckpt, files[0]).spec, None))
+    weights = dict(original.named_parameters())
+    devices = [Device(ckpt, f) for f in files]
+
+    def mean_of_min() -> float:
+        return float(np.mean([d.evaluate().cos_min for d in devices]))
+
+    found = {"start": mean_of_min()}
+    for device in devices:
+        params = dict(device.model.named_parameters())
+        with torch.no_grad():
+            for name in device.storage.shared_bits:
+                if name.startswith("embeddings."):
+                    params[name].copy_(weights[name])
+    found["float embeddings"] = mean_of_min()
+    for device in devices:
+        device.storage = dataclasses.replace(device.storage, dynamic_activations=False)
+    found["float embeddings and activations"] = mean_of_min()
+    return found
+
+
 def markdown(result: dict[str, Any]) -> str:
     fed, cen = result["federated"], result["central"]
     start, end = fed["rounds"][0], fed["rounds"][-1]
@@ -75,7 +106,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['seconds']:.0f} s). minilm `balanced`; three simulated devices, each "
         f"holding one domain; {fed['plan']['rounds']} rounds x "
         f"{fed['plan']['local']['steps']} local steps (batch {fed['plan']['local']['batch_size']},"
-        f" lr {fed['plan']['local']['lr']}), FedAvg, codebooks only. Central: the same "
+        f" lr {fed['plan']['local']['lr']}), FedAvg, trainable set "
+        f"{fed['trainable']['mode']}. Central: the same "
         f"{cen['steps']} steps on the pooled training splits. Held-out min cosine against "
         "the original (mean cosine in brackets):",
         "",
@@ -119,13 +151,19 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4)  # the balanced recipe's distill lr
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--train",
+        choices=MODES,
+        default="auto",
+        help="the trainable set: codebooks only (auto, centroids) or every float tensor (all)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federated.json"))
     parser.add_argument(
         "--part",
-        choices=["all", "federated", "central"],
+        choices=["all", "federated", "central", "losses"],
         default="all",
         help="Run one part (two processes can run the two at once); the results are written "
-        "once both parts are there.",
+        "once both parts are there. 'losses': where the start loses its fidelity (no training).",
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,13 +171,17 @@ def main() -> None:
         rounds=args.rounds,
         min_clients=3,
         local=LocalTraining(steps=args.local_steps, lr=args.lr, batch_size=args.batch_size),
+        mode=args.train,
     )
     files = client_files(args.clients)
     command = (
         "python benchmarks/federated.py "
         + f"--ckpt {args.ckpt} --rounds {args.rounds} --local-steps {args.local_steps} "
-        + f"--lr {args.lr} --batch-size {args.batch_size}"
+        + f"--lr {args.lr} --batch-size {args.batch_size} --train {args.train}"
     )
+    if args.part == "losses":  # where the start loses, printed as JSON; nothing trains
+        print(json.dumps(where_lost(args.ckpt, files), indent=1))
+        return
     parts = Path("build") / f"{args.out.stem}.parts"  # each part's result: the two can run at once
     parts.mkdir(parents=True, exist_ok=True)
     if args.part in ("federated", "all"):
