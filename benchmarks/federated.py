@@ -76,9 +76,9 @@ def where_lost(ckpt: Path, files: list[Path]) -> dict[str, float]:
     import torch
     from edgec.models import load_model
 
-    original, _ = load_model(resolve_teacher(Device(ckpt, files[0]).spec, None))
-    weights = dict(original.named_parameters())
     devices = [Device(ckpt, f) for f in files]
+    original, _ = load_model(resolve_teacher(devices[0].spec, None))
+    weights = dict(original.named_parameters())
 
     def mean_of_min() -> float:
         return float(np.mean([d.evaluate().cos_min for d in devices]))
