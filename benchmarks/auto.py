@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH = ROOT / "build" / "bench"
 ROUNDS = 5
+SEARCHES = {  # run key: (name, source, floor, objective)
+    "size": ("minilm size", "minilm", "min_cosine=0.99", "size"),
+    "latency": ("minilm latency", "minilm", "min_cosine=0.99", "latency"),
+    "digits": ("digits size", "tiny-vit-digits", "accuracy_drop=1.0", "size"),
+}
 REPORTS = {
     "size": "auto-minilm-size.html",
     "latency": "auto-minilm-latency.html",
@@ -196,39 +201,13 @@ def main() -> None:
     shared: dict[str, Any] = {}
     for path in args.merge:
         results.update(json.loads(path.read_text())["runs"])
-    if "size" in runs:
-        shutil.rmtree(args.work / "size", ignore_errors=True)
-        results["size"] = _search(
-            "minilm size",
-            "minilm",
-            "min_cosine=0.99",
-            "size",
-            args.budget,
-            args.work / "size",
-            shared,
-        )
-    if "latency" in runs:
-        shutil.rmtree(args.work / "latency", ignore_errors=True)
-        results["latency"] = _search(
-            "minilm latency",
-            "minilm",
-            "min_cosine=0.99",
-            "latency",
-            args.latency_budget,
-            args.work / "latency",
-            shared,
-        )
-    if "digits" in runs:
-        shutil.rmtree(args.work / "digits", ignore_errors=True)
-        results["digits"] = _search(
-            "digits size",
-            "tiny-vit-digits",
-            "accuracy_drop=1.0",
-            "size",
-            args.digits_budget,
-            args.work / "digits",
-            shared,
-        )
+    budgets = {"size": args.budget, "latency": args.latency_budget, "digits": args.digits_budget}
+    for key, (name, source, floor, objective) in SEARCHES.items():  # size before latency
+        if key in runs:
+            shutil.rmtree(args.work / key, ignore_errors=True)
+            results[key] = _search(
+                name, source, floor, objective, budgets[key], args.work / key, shared
+            )
     peers = json.loads((RESULTS / "compression.json").read_text())["rows"]
     int8_pkg = BENCH / "int8.pkg"
     comparison: dict[str, Any] = {}

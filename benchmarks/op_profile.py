@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from edgec.runtimes.diagnosis import kernel_times
 
 THREADS = 2
 WARMUP = 3
@@ -67,19 +68,7 @@ def profile(path: Path, batch: int, sequence: int, runs: int) -> tuple[float, Co
         for _ in range(WARMUP + runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    model_runs = sorted(
-        (e for e in events if e.get("name") == "model_run"), key=lambda e: int(e["ts"])
-    )
-    warm = model_runs[WARMUP - 1]
-    after_warmup = int(warm["ts"]) + int(warm["dur"])  # the warm-up runs are profiled too
-    by_op: Counter[str] = Counter()
-    for event in events:
-        if (
-            event.get("cat") == "Node"
-            and event["name"].endswith("_kernel_time")
-            and int(event["ts"]) >= after_warmup
-        ):
-            by_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    by_op, _ = kernel_times(events, WARMUP, runs)
     return sum(by_op.values()), by_op
 
 

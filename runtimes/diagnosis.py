@@ -182,6 +182,29 @@ def _feeds(session: ort.InferenceSession, batch: int, sequence: int) -> dict[str
     return feeds
 
 
+def kernel_times(
+    events: list[dict[str, Any]], warmup: int, runs: int
+) -> tuple[Counter[str], dict[str, set[str]]]:
+    """From onnxruntime's profile of ``warmup + runs`` runs of one session: kernel ms per run by
+    operator type, the warm-up runs left out (they are profiled too), and each operator type's
+    kernel event names (its nodes as run, after onnxruntime's fusions)."""
+    model_runs = sorted(
+        (e for e in events if e.get("name") == "model_run"), key=lambda e: int(e["ts"])
+    )
+    warm = model_runs[warmup - 1]
+    after = int(warm["ts"]) + int(warm["dur"])
+    by_op: Counter[str] = Counter()
+    nodes: dict[str, set[str]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        op = event["args"]["op_name"]
+        nodes.setdefault(op, set()).add(event["name"])
+        if int(event["ts"]) >= after:
+            by_op[op] += event["dur"] / 1000 / runs
+    return by_op, nodes
+
+
 def profile_ops(
     package: Package, runs: int = PROFILE_RUNS, threads: int = 0
 ) -> tuple[float, dict[str, float], dict[str, int]]:
@@ -214,18 +237,10 @@ def profile_ops(
             for _ in range(PROFILE_WARMUP + runs):
                 session.run(None, feeds)
             events = json.loads(Path(session.end_profiling()).read_text())
-        model_runs = sorted(
-            (e for e in events if e.get("name") == "model_run"), key=lambda e: int(e["ts"])
-        )
-        warm = model_runs[PROFILE_WARMUP - 1]
-        after = int(warm["ts"]) + int(warm["dur"])  # the warm-up runs are profiled too
-        for event in events:
-            if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-                continue
-            op = event["args"]["op_name"]
-            nodes.setdefault(op, set()).add(f"{stage.name}/{event['name']}")
-            if int(event["ts"]) >= after:
-                by_op[op] += event["dur"] / 1000 / runs
+        stage_ms, stage_nodes = kernel_times(events, PROFILE_WARMUP, runs)
+        by_op.update(stage_ms)
+        for op, names in stage_nodes.items():
+            nodes.setdefault(op, set()).update(f"{stage.name}/{n}" for n in names)
     counts = {op: len(names) for op, names in nodes.items()}
     return float(sum(by_op.values())), {k: round(v, 4) for k, v in by_op.most_common()}, counts
 
