@@ -128,7 +128,7 @@ def distill(
     the grid, so that progress smaller than a grid step carries over to the next leg.
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    student.to(device).train()
+    student.to(device).train(step.dropout)  # eval mode: dropout off, gradients still flow
     teacher.to(device).eval()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -183,6 +183,7 @@ def distill(
         "steps": step.steps,
         "lr": step.lr,
         "batch_size": step.batch_size,
+        "dropout": step.dropout,
         "device": device,
         "loss_first": round(float(np.mean(losses[:10])), 6),
         "loss_last": round(float(np.mean(losses[-10:])), 6),

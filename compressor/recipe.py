@@ -88,11 +88,16 @@ class DistillStep:
     """Recovery fine-tune towards the original's outputs on calibration data.
 
     ``steps`` optimizer steps at learning rate ``lr`` on batches of ``batch_size`` inputs.
+    ``dropout``: the student trains with the model's dropout on (as fine-tuning does) or off.
+    Off, the loss measures only what the compression changed: federated recovery of minilm
+    ``balanced`` (240 steps on the three domains pooled) reached a held-out mean of min cosine
+    0.9507 without dropout against 0.9420 with it, from 0.9404.
     """
 
     steps: int = 200
     lr: float = 5e-5
     batch_size: int = 16
+    dropout: bool = True
 
     kind = "distill"
 
@@ -101,6 +106,8 @@ class DistillStep:
         _positive_int("distill", "batch_size", self.batch_size)
         if not isinstance(self.lr, int | float) or not 0 < self.lr <= 1:
             raise RecipeError(f"distill.lr must be in (0, 1], got {self.lr!r}")
+        if not isinstance(self.dropout, bool):
+            raise RecipeError(f"distill.dropout must be true or false, got {self.dropout!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

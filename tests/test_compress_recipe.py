@@ -58,6 +58,7 @@ def test_yaml_recipe_round_trips(tmp_path):
         ({"steps": [{"quantize": {"mode": "float8"}}]}, ["quantize.mode", "dynamic", "static"]),
         ({"steps": [{"quantize": {"calibration": "mse"}}]}, ["entropy", "percentile"]),
         ({"steps": [{"distill": {"steps": 0}}]}, ["distill.steps"]),
+        ({"steps": [{"distill": {"dropout": "no"}}]}, ["distill.dropout", "'no'"]),
         ({"steps": [{"quantize": {}}], "flor": {}}, ["'flor'", "floor"]),
         ({"steps": []}, ["steps"]),
     ],

@@ -208,3 +208,26 @@ def test_gptq_rounding_stays_on_the_codebook_and_lowers_the_output_error():
         return float(((weight - w) @ inputs.T).pow(2).sum())
 
     assert output_error(rounded) < 0.85 * output_error(nearest)  # measured: 0.74
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_distillation_without_dropout_measures_only_what_the_student_changed(
+    wide_bert, text_calibration, dropout
+):
+    """A student equal to its teacher has nothing to learn: its loss is zero with dropout off,
+    and dropout's noise alone when it is on (the recipes' default)."""
+    from edgec.compressor.calibration import load_data
+    from edgec.compressor.distillation import distill
+    from edgec.compressor.recipe import DistillStep
+    from edgec.models import load_model
+
+    student, spec = load_model(wide_bert)
+    teacher, _ = load_model(wide_bert)
+    data = load_data(spec, calib=text_calibration, batch=8).calibration
+    step = DistillStep(steps=4, lr=1e-9, batch_size=8, dropout=dropout)
+    _, details = distill(student, teacher, spec, step, data)
+    assert details["dropout"] is dropout
+    if dropout:
+        assert details["loss_first"] > 1e-3
+    else:
+        assert details["loss_first"] < 1e-6
