@@ -33,8 +33,14 @@ def _plan_options(function: Any) -> Any:
         click.option(
             "--local-steps", default=10, show_default=True, help="Training steps a device a round."
         ),
-        click.option("--lr", default=1e-4, show_default=True, help="Local learning rate."),
+        click.option("--lr", default=1e-3, show_default=True, help="Local learning rate."),
         click.option("--batch-size", default=16, show_default=True, help="Local batch size."),
+        click.option(
+            "--dropout/--no-dropout",
+            default=False,
+            show_default=True,
+            help="Train with the model's dropout on (off: the loss is the compression's error).",
+        ),
         click.option(
             "--aggregation",
             type=click.Choice(["fedavg", "fedprox"]),
@@ -56,6 +62,12 @@ def _plan_options(function: Any) -> Any:
             show_default=True,
             help="What trains and travels: codebooks of shared weights, or every parameter "
             "(auto: centroids when the checkpoint shares weights).",
+        ),
+        click.option(
+            "--secure-aggregation",
+            is_flag=True,
+            help="Average each round under Flower's SecAgg+: the coordinator sees only the "
+            "average, never one device's update (needs 3 devices or more).",
         ),
         click.option(
             "--min-updates",
@@ -93,9 +105,11 @@ def _plan(min_clients: int, **kw: Any) -> Any:
             lr=kw["lr"],
             batch_size=kw["batch_size"],
             proximal_mu=kw["proximal_mu"],
+            dropout=kw["dropout"],
         ),
         mode=kw["mode"],
         seed=kw["seed"],
+        secure_aggregation=kw["secure_aggregation"],
     )
 
 

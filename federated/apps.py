@@ -6,7 +6,9 @@ devices that dropped, failed or timed out, rejects updates that are not a float3
 the right name and shape with finite values (logged, never averaged), and averages the rest
 with a Flower strategy (FedAvg weighted by examples, or FedProx). Then every device measures
 the new model on its held-out split. The result is a checkpoint whose record holds the
-per-round report: clients, rejections, bytes down and up, fidelity per device.
+per-round report: clients, rejections, bytes down and up, fidelity per device. With
+``secure_aggregation``, each round's updates are averaged under Flower's SecAgg+ instead
+(``federated.secure``): the server sees only their average.
 
 The same two apps run in Flower's simulation engine (``simulate``) and in a deployment
 (``edgec.federated.deploy``): a SuperLink runs the ServerApp, a SuperNode per device the
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from edgec.federated import secure
 from edgec.federated.local import Device, LocalTraining
 from edgec.federated.trainable import Mode, Storage, TrainableSet
 from edgec.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -59,7 +62,8 @@ WEIGHT_KEY = "num-examples"
 class FederatedPlan:
     """A federated run: ``rounds``; ``min_clients`` connected before round 1 starts (waiting up
     to ``start_timeout_s``); each round waits ``round_timeout_s`` for replies and needs
-    ``min_updates`` valid updates to change the model; the aggregation; what trains."""
+    ``min_updates`` valid updates to change the model; the aggregation (``secure_aggregation``:
+    under SecAgg+, with three devices at least); what trains."""
 
     rounds: int
     min_clients: int = 2
@@ -70,6 +74,7 @@ class FederatedPlan:
     local: LocalTraining = field(default_factory=LocalTraining)
     mode: Mode = "auto"
     seed: int = 0
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -88,6 +93,11 @@ class FederatedPlan:
             )
         if self.aggregation == "fedprox" and self.local.proximal_mu <= 0:
             raise FederatedError("fedprox needs a proximal mu > 0")
+        if self.secure_aggregation and self.min_clients < secure.MIN_DEVICES:
+            raise FederatedError(
+                f"secure aggregation needs min clients >= {secure.MIN_DEVICES} (with two, each "
+                f"device could read the other's update off the average), got {self.min_clients}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,8 +183,10 @@ def run_rounds(
     output: Path,
     plan: FederatedPlan,
     say: Callable[[str], None] = print,
+    context: Context | None = None,
 ) -> RunResult:
-    """The ServerApp's work: ``plan.rounds`` rounds from ``checkpoint``; writes ``output``."""
+    """The ServerApp's work: ``plan.rounds`` rounds from ``checkpoint``; writes ``output``
+    (``context``: the ServerApp's, which a secure round needs)."""
     model, spec = load_checkpoint(checkpoint)
     storage = Storage.of(checkpoint)
     trainable = TrainableSet(model, storage, plan.mode)
@@ -192,71 +204,31 @@ def run_rounds(
         f"of the {full_bytes:,} bytes of the full weights)"
     )
     say(f"waiting for {plan.min_clients} device(s)")
-    _wait_for_nodes(grid, plan.min_clients, plan.start_timeout_s)
+    nodes = _wait_for_nodes(grid, plan.min_clients, plan.start_timeout_s)
+    say(f"{len(nodes)} device(s) connected: nodes {', '.join(map(str, sorted(nodes)))}")
     base = {
         "fingerprint": trainable.fingerprint(),
         "rounds": plan.rounds,
         "local-steps": plan.local.steps,
         "lr": plan.local.lr,
         "batch-size": plan.local.batch_size,
+        "dropout": plan.local.dropout,
         "seed": plan.seed,
     }
     rounds: list[dict[str, Any]] = [_evaluate(grid, 0, arrays, base, plan, say)]
     for number in range(1, plan.rounds + 1):
         started = time.perf_counter()
         config = ConfigRecord({**base, "server-round": number})
-        messages = list(strategy.configure_train(number, _record(arrays), config, grid))
-        down = _record(arrays).count_bytes() * len(messages)
-        say(f"round {number}/{plan.rounds}: training on {len(messages)} device(s)")
-        replies, silent = _exchange(
-            grid, messages, plan.round_timeout_s, f"round {number}/{plan.rounds} training"
-        )
-        valid, dropped, rejected, up = [], [], [], 0
-        for node in silent:
-            dropped.append({"node": node, "reason": f"no reply in {plan.round_timeout_s:.0f} s"})
-        for node, reply in replies:
-            if reply.has_error():
-                dropped.append({"node": node, "reason": reply.error.reason})
-                continue
-            up += sum(r.count_bytes() for r in reply.content.array_records.values())
-            reason = _check_update(reply, trainable)
-            if reason is None:
-                valid.append(reply)
-            else:
-                log.warning("round %d: update from node %d rejected: %s", number, node, reason)
-                say(f"round {number}: update from node {node} rejected: {reason}")
-                rejected.append({"node": node, "reason": reason})
-        for item in dropped:
-            say(f"round {number}: node {item['node']} left out: {item['reason']}")
-        applied = len(valid) >= plan.min_updates
-        if applied:
-            aggregated, _ = strategy.aggregate_train(number, valid)
-            if aggregated is None:
-                raise FederatedError(f"round {number}: the strategy returned no model")
-            arrays = {k: v.astype(np.float32) for k, v in _arrays(aggregated).items()}
+        if plan.secure_aggregation:
+            arrays, facts = _secure_round(
+                grid, context, number, arrays, trainable, config, plan, say
+            )
         else:
-            say(
-                f"round {number}: {len(valid)} valid update(s), fewer than {plan.min_updates}: "
-                "the model is unchanged"
+            arrays, facts = _plain_round(
+                grid, strategy, number, arrays, trainable, config, plan, say
             )
         entry = _evaluate(grid, number, arrays, base, plan, say)
-        entry.update(
-            {
-                "clients": sorted(r.metadata.src_node_id for r in valid),
-                "examples": sum(int(_metric(r, WEIGHT_KEY)) for r in valid),
-                "train_loss": {
-                    str(r.metadata.src_node_id): _metric(r, "train-loss") for r in valid
-                },
-                "dropped": dropped,
-                "rejected": rejected,
-                "applied": applied,
-                "bytes_down": down,
-                "bytes_up": up,
-                "bytes_down_per_client": down // max(1, len(messages)),
-                "bytes_up_per_client": up // max(1, len(valid) + len(rejected)),
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-        )
+        entry.update({**facts, "seconds": round(time.perf_counter() - started, 2)})
         rounds.append(entry)
     trainable.apply(model, arrays)  # on the storage grid, as the devices measured it
     report = {
@@ -273,6 +245,110 @@ def run_rounds(
     _write_checkpoint(checkpoint, output, model, spec, report)
     say(f"wrote {output}")
     return RunResult(output, report)
+
+
+def _plain_round(
+    grid: Grid,
+    strategy: FedAvg,
+    number: int,
+    arrays: dict[str, np.ndarray],
+    trainable: TrainableSet,
+    config: ConfigRecord,
+    plan: FederatedPlan,
+    say: Callable[[str], None],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A round in the clear: every update checked on its own, the valid ones averaged by the
+    strategy. The new global tensors, and the round's facts for the report."""
+    messages = list(strategy.configure_train(number, _record(arrays), config, grid))
+    down = _record(arrays).count_bytes() * len(messages)
+    say(f"round {number}/{plan.rounds}: training on {len(messages)} device(s)")
+    replies, silent = _exchange(
+        grid, messages, plan.round_timeout_s, f"round {number}/{plan.rounds} training"
+    )
+    valid, dropped, rejected, up = [], [], [], 0
+    for node in silent:
+        dropped.append({"node": node, "reason": f"no reply in {plan.round_timeout_s:.0f} s"})
+    for node, reply in replies:
+        if reply.has_error():
+            dropped.append({"node": node, "reason": reply.error.reason})
+            continue
+        up += sum(r.count_bytes() for r in reply.content.array_records.values())
+        reason = _check_update(reply, trainable)
+        if reason is None:
+            valid.append(reply)
+        else:
+            log.warning("round %d: update from node %d rejected: %s", number, node, reason)
+            say(f"round {number}: update from node {node} rejected: {reason}")
+            rejected.append({"node": node, "reason": reason})
+    for item in dropped:
+        say(f"round {number}: node {item['node']} left out: {item['reason']}")
+    applied = len(valid) >= plan.min_updates
+    if applied:
+        aggregated, _ = strategy.aggregate_train(number, valid)
+        if aggregated is None:
+            raise FederatedError(f"round {number}: the strategy returned no model")
+        arrays = {k: v.astype(np.float32) for k, v in _arrays(aggregated).items()}
+    else:
+        say(
+            f"round {number}: {len(valid)} valid update(s), fewer than {plan.min_updates}: "
+            "the model is unchanged"
+        )
+    return arrays, {
+        "clients": sorted(r.metadata.src_node_id for r in valid),
+        "examples": sum(int(_metric(r, WEIGHT_KEY)) for r in valid),
+        "train_loss": {str(r.metadata.src_node_id): _metric(r, "train-loss") for r in valid},
+        "dropped": dropped,
+        "rejected": rejected,
+        "applied": applied,
+        "bytes_down": down,
+        "bytes_up": up,
+        "bytes_down_per_client": down // max(1, len(messages)),
+        "bytes_up_per_client": up // max(1, len(valid) + len(rejected)),
+    }
+
+
+def _secure_round(
+    grid: Grid,
+    context: Context | None,
+    number: int,
+    arrays: dict[str, np.ndarray],
+    trainable: TrainableSet,
+    config: ConfigRecord,
+    plan: FederatedPlan,
+    say: Callable[[str], None],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A round under SecAgg+ (``federated.secure``): only the average is seen, and checked."""
+    if context is None:
+        raise FederatedError("a secure round needs the ServerApp's context")
+    say(f"round {number}/{plan.rounds}: training under secure aggregation (SecAgg+)")
+    done = secure.secure_round(
+        grid, context, number, arrays, trainable.names, config, plan.round_timeout_s, plan.rounds
+    )
+    reason = done.reason
+    if done.average is not None:
+        problems = trainable.problems(done.average)
+        reason = "the average does not fit: " + "; ".join(problems) if problems else ""
+    applied = not reason and len(done.clients) >= plan.min_updates
+    if applied and done.average is not None:
+        arrays = done.average
+    else:
+        reason = reason or f"{len(done.clients)} update(s), fewer than {plan.min_updates}"
+        log.warning("round %d: secure aggregation gave no model: %s", number, reason)
+        say(f"round {number}: the model is unchanged: {reason}")
+    contributors = max(1, len(done.clients))
+    return arrays, {
+        "clients": done.clients,
+        "examples": done.examples,
+        "train_loss": done.train_loss,
+        "dropped": [],  # SecAgg+ leaves out who did not answer; the clients list who did
+        "rejected": [{"average": reason}] if reason and done.average is not None else [],
+        "applied": applied,
+        "secure": True,
+        "bytes_down": done.bytes_down,
+        "bytes_up": done.bytes_up,
+        "bytes_down_per_client": done.bytes_down // contributors,
+        "bytes_up_per_client": done.bytes_up // contributors,
+    }
 
 
 def _metric(reply: Message, key: str) -> float:
@@ -295,10 +371,14 @@ def _evaluate(
         for node in grid.get_node_ids()
     ]
     label = "start: evaluating" if number == 0 else f"round {number}/{plan.rounds} evaluating"
-    replies, _ = _exchange(grid, messages, plan.round_timeout_s, label)
+    replies, silent = _exchange(grid, messages, plan.round_timeout_s, label)
     fidelity: dict[str, dict[str, Any]] = {}
+    for node in silent:
+        say(f"{label}: node {node} gave no fidelity: no reply in {plan.round_timeout_s:.0f} s")
     for node, reply in replies:
         if reply.has_error() or not reply.content.metric_records:
+            reason = reply.error.reason if reply.has_error() else "a reply without metrics"
+            say(f"{label}: node {node} gave no fidelity: {reason}")
             continue
         metrics = next(iter(reply.content.metric_records.values()))
         names = reply.content.config_records.get("client")
@@ -355,7 +435,7 @@ def server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_rounds(grid, checkpoint, output, plan, say)
+        result = run_rounds(grid, checkpoint, output, plan, say, context)
         if results is not None:
             results.append(result)
 
@@ -389,16 +469,37 @@ def _device(settings: ClientSettings) -> Device:
 
 def _checked(device: Device, msg: Message) -> tuple[dict[str, np.ndarray], ConfigRecord]:
     config = msg.content.config_records["config"]
+    arrays = _arrays(msg.content.array_records["arrays"])
+    _check_model(device, arrays, config)
+    return arrays, config
+
+
+def _check_model(device: Device, arrays: dict[str, np.ndarray], config: Any) -> None:
+    """The server's model must be this device's checkpoint's trainable set."""
     if config.get("fingerprint") != device.trainable.fingerprint():
         raise FederatedError(
             "the server's model is not this device's checkpoint (trainable-set fingerprints "
             "differ); join with the checkpoint the server federates"
         )
-    arrays = _arrays(msg.content.array_records["arrays"])
     problems = device.trainable.problems(arrays)
     if problems:
         raise FederatedError("the server sent a model that does not fit: " + "; ".join(problems))
-    return arrays, config
+
+
+def _train(
+    device: Device, arrays: dict[str, np.ndarray], config: Any, context: Context
+) -> tuple[dict[str, np.ndarray], float]:
+    """One round of local training as the server's ``config`` asks."""
+    plan = LocalTraining(
+        steps=_number(config, "local-steps", int),
+        lr=_number(config, "lr", float),
+        batch_size=_number(config, "batch-size", int),
+        proximal_mu=_number(config, "proximal-mu", float, 0.0),
+        dropout=_flag(config, "dropout"),
+    )
+    number = _number(config, "server-round", int)
+    seed = _number(config, "seed", int) * 100_003 + number * 1_009 + context.node_id % 1_000
+    return device.train(arrays, plan, number, _number(config, "rounds", int), seed)
 
 
 def _number(config: Any, key: str, kind: Callable[[Any], Any], default: Any = None) -> Any:
@@ -409,26 +510,34 @@ def _number(config: Any, key: str, kind: Callable[[Any], Any], default: Any = No
     return kind(value)
 
 
+def _flag(config: Any, key: str) -> bool:
+    """``config[key]`` as a bool (False when missing); any other value is an error."""
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise FederatedError(f"the server's config has {key} = {value!r}, not true or false")
+    return value
+
+
 def client_app(
     settings: Callable[[Context], ClientSettings], mods: Sequence[Any] = ()
 ) -> ClientApp:
-    """A ClientApp: ``settings`` says from its context which device it is."""
-    app = ClientApp(mods=list(mods))
+    """A ClientApp: ``settings`` says from its context which device it is. It answers plain
+    rounds and, through ``secure.secure_mod``, secure ones; ``mods`` run inside that one, so
+    they see what the device computes (in a plain round, what it sends)."""
+    app = ClientApp(mods=[secure.secure_mod, *mods])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         device = _device(settings(context))
+        if secure.is_secure(msg):  # the masked-update stage: the mod masks what this returns
+
+            def checked_train(arrays: dict[str, np.ndarray], config: Any) -> Any:
+                _check_model(device, arrays, config)
+                return _train(device, arrays, config, context)
+
+            return secure.secure_train(msg, device.trainable.names, device.examples, checked_train)
         arrays, config = _checked(device, msg)
-        plan = LocalTraining(
-            steps=_number(config, "local-steps", int),
-            lr=_number(config, "lr", float),
-            batch_size=_number(config, "batch-size", int),
-            proximal_mu=_number(config, "proximal-mu", float, 0.0),
-        )
-        number = _number(config, "server-round", int)
-        seed = _number(config, "seed", int) * 100_003 + number * 1_009 + context.node_id % 1_000
-        rounds = _number(config, "rounds", int)
-        trained, loss = device.train(arrays, plan, number, rounds, seed)
+        trained, loss = _train(device, arrays, config, context)
         metrics = MetricRecord({WEIGHT_KEY: device.examples, "train-loss": loss})
         return Message(RecordDict({"arrays": _record(trained), "metrics": metrics}), reply_to=msg)
 

@@ -68,7 +68,7 @@ def fab_server_app() -> ServerApp:
         config = context.run_config
         plan = plan_from_json(json.loads(str(config["plan"])))
         ckpt, out = Path(str(config["checkpoint"])), Path(str(config["output"]))
-        run_rounds(grid, ckpt, out, plan, say=lambda line: print(line, flush=True))
+        run_rounds(grid, ckpt, out, plan, lambda line: print(line, flush=True), context)
 
     return app
 

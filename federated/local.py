@@ -33,12 +33,15 @@ from edgec.errors import EdgecError, FederatedError
 @dataclass(frozen=True, kw_only=True)
 class LocalTraining:
     """What a device does in one round: ``steps`` AdamW steps of ``batch_size`` at ``lr``,
-    FedProx's ``proximal_mu`` (0: plain FedAvg), within a schedule of ``total_steps``."""
+    FedProx's ``proximal_mu`` (0: plain FedAvg), within a schedule of ``total_steps``;
+    ``dropout`` off by default: the student then matches the teacher's own (eval-mode) outputs,
+    and the loss is the compression's error, not the dropout's noise (see ``DistillStep``)."""
 
     steps: int = 10
-    lr: float = 1e-4
+    lr: float = 1e-3
     batch_size: int = 16
     proximal_mu: float = 0.0
+    dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -49,6 +52,8 @@ class LocalTraining:
             raise FederatedError(f"batch size must be >= 1, got {self.batch_size}")
         if self.proximal_mu < 0:
             raise FederatedError(f"proximal mu must be >= 0, got {self.proximal_mu}")
+        if not isinstance(self.dropout, bool):
+            raise FederatedError(f"dropout must be true or false, got {self.dropout!r}")
 
 
 def resolve_teacher(spec: ModelSpec, teacher: str | os.PathLike[str] | None) -> str:
@@ -140,7 +145,9 @@ class Device:
                 self.model,
                 self.teacher,
                 self.spec,
-                DistillStep(steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size),
+                DistillStep(
+                    steps=plan.steps, lr=plan.lr, batch_size=plan.batch_size, dropout=plan.dropout
+                ),
                 self.train_data if data is None else data,
                 seed=seed,
                 int8=[n for n in self._int8 if f"{n}.weight" in trained],

@@ -81,7 +81,9 @@ class Recorder:
 
         reply = call_next(msg, context)
         partition = int(context.node_config["partition-id"])
-        round_ = int(msg.content["config"]["server-round"]) if "config" in msg.content else -1
+        records = msg.content.config_records  # a secure round's is the legacy FitIns'
+        config = records.get("config") or records.get("fitins.config")
+        round_ = int(config["server-round"]) if config else 0
         if partition in self.corrupt and reply.content.array_records:
             arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
             self.corrupt[partition](arrays, round_)
@@ -435,3 +437,87 @@ def test_fedprox_keeps_a_devices_update_near_the_global_model(
 
     free, held = distance(0.0), distance(1e4)
     assert 0 < held < free / 2
+
+
+def test_secure_aggregation_averages_what_the_devices_computed_and_only_that(
+    shared_bert: Path, domains: Path, tmp_path: Path
+) -> None:
+    """Under SecAgg+ the server unmasks only the sum: the model it writes is the average of
+    the updates the devices computed (seen here inside each device, before masking), up to
+    the protocol's quantization, and the report names who took part."""
+    from edgec.federated import simulate
+    from edgec.federated.trainable import Storage, TrainableSet
+    from edgec.models.checkpoint import load_checkpoint, read_checkpoint
+
+    (tmp_path / "sent").mkdir()
+    recorder = Recorder(tmp_path / "sent")
+    plan = _plan(rounds=1, secure_aggregation=True)
+    result = simulate(shared_bert, domains, tmp_path / "out.ckpt", plan, mods=[recorder])
+    done = result.report["rounds"][1]
+    assert done["secure"] and done["applied"] and done["rejected"] == []
+    assert len(done["clients"]) == 3 and done["examples"] == 3 * 48
+    assert done["bytes_up_per_client"] > 0 and done["bytes_down_per_client"] > 0
+    assert read_checkpoint(result.output)["federated"]["plan"]["secure_aggregation"]
+
+    model, _ = load_checkpoint(shared_bert)
+    trainable = TrainableSet(model, Storage.of(shared_bert))
+    sent = [s for s in recorder.sent(kind="train") if s[2] == 1]
+    assert len(sent) == 3  # one legacy FitRes a device, tensors in the trainable set's order
+    updates = [{n: arrays[str(i)] for i, n in enumerate(trainable.names)} for *_, arrays in sent]
+    average = {n: np.mean([u[n] for u in updates], axis=0) for n in trainable.names}
+    trainable.apply(model, average)  # on the storage grid, as the run writes its output
+    expected = trainable.extract(model)
+    got = trainable.extract(load_checkpoint(result.output)[0])
+    for name in trainable.names:
+        gap = np.abs(got[name] - expected[name])
+        # one grid step where the protocol's 1e-5 quantization crossed a rounding boundary
+        assert gap.max() < 2e-3 and np.mean(gap < 1e-4) > 0.9, name  # measured: 0.96 at worst
+
+    def distance(to: dict[str, np.ndarray]) -> float:
+        return float(sum(np.abs(got[n] - to[n]).sum() for n in trainable.names))
+
+    # the average of the three, not one device's update passed through
+    assert 3 * distance(expected) < min(distance(u) for u in updates)
+
+
+def test_secure_aggregation_needs_three_devices_and_an_update_in_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device checks its own update before SecAgg+ masks it (the server cannot), and a plan
+    with fewer than three devices is refused."""
+    import flwr.compat.common.recorddict_compat as compat
+    from edgec.federated import FederatedPlan
+    from edgec.federated.secure import MAX_WEIGHT, secure_train
+    from flwr.app import Message, MessageType
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from edgec.errors import FederatedError
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ClientApp's process has set
+    monkeypatch.setattr(TaskIdentity, "_node_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with pytest.raises(FederatedError, match="secure aggregation needs min clients >= 3"):
+        FederatedPlan(rounds=1, min_clients=2, secure_aggregation=True)
+
+    names = ["a:codebook", "b"]
+    start = [np.zeros((2, 4), np.float32), np.ones(3, np.float32)]
+    ins = FitIns(ndarrays_to_parameters(start), {"server-round": 1})
+    msg = Message(
+        content=compat.fitins_to_recorddict(ins, keep_input=True),
+        dst_node_id=7,
+        message_type=MessageType.TRAIN,
+    )
+
+    def trains_to(value: float) -> Any:
+        return lambda arrays, config: ({n: a + value for n, a in arrays.items()}, 0.5)
+
+    reply = secure_train(msg, names, 5 * MAX_WEIGHT, trains_to(0.25))
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    assert fitres.num_examples == MAX_WEIGHT  # a device counts for MAX_WEIGHT examples at most
+    with pytest.raises(FederatedError, match="update of a:codebook is not finite"):
+        secure_train(msg, names, 10, trains_to(float("nan")))
+    with pytest.raises(FederatedError, match="clipping range"):
+        secure_train(msg, names, MAX_WEIGHT, trains_to(100.0))
+    with pytest.raises(FederatedError, match="sent 2 tensors"):
+        secure_train(msg, [*names, "c"], 10, trains_to(0.0))
