@@ -6,8 +6,9 @@
 1. Three simulated devices, one per file of ``models/zoo/domains`` (technical documentation,
    Wikipedia, licence texts; 320 sentences to train on and 80 held out each), run
    ``edgec federate simulate`` in Flower's simulation engine (Ray): ``--rounds`` rounds of
-   ``--local-steps`` distillation steps a device, FedAvg weighted by examples, only the
-   codebooks of the shared weights trained and sent.
+   ``--local-steps`` distillation steps a device (dropout off unless ``--dropout``), FedAvg
+   weighted by examples (under SecAgg+ with ``--secure-aggregation``), only the codebooks of
+   the shared weights trained and sent.
 2. The central baseline: the same starting checkpoint distilled on the three training splits
    pooled, with the same step budget (rounds x local steps x devices), the same batch size,
    learning rate and schedule shape, the same trainable set, fixed cluster assignments and
@@ -127,8 +128,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cen['mean_of_min_cos'] - start['mean_of_min_cos']:+.4f} (central); federated "
         f"minus central: {result['gap_to_central']:+.4f}.",
         "",
-        f"Bytes a device sends a round: {result['bytes_up_per_device']:,} (codebooks of "
-        f"{t['tensors']} shared tensors, as Flower serializes them) against "
+        f"Bytes a device sends a round: {result['bytes_up_per_device']:,} ("
+        + (
+            "its masked codebooks, keys and key shares, as SecAgg+ sends them"
+            if fed["plan"].get("secure_aggregation")
+            else f"codebooks of {t['tensors']} shared tensors, as Flower serializes them"
+        )
+        + ") against "
         f"{t['full_weights_bytes']:,} for the full fp32 weights: 1/"
         f"{t['full_weights_bytes'] / result['bytes_up_per_device']:.0f}.",
         "",
