@@ -521,3 +521,31 @@ def test_secure_aggregation_needs_three_devices_and_an_update_in_range(
         secure_train(msg, names, MAX_WEIGHT, trains_to(100.0))
     with pytest.raises(FederatedError, match="sent 2 tensors"):
         secure_train(msg, [*names, "c"], 10, trains_to(0.0))
+
+
+class FailsOnce:
+    """A client mod (inside SecAgg+'s) under which one device fails while it trains."""
+
+    def __init__(self, partition: int):
+        self.partition = partition
+
+    def __call__(self, msg: Any, context: Any, call_next: Any) -> Any:
+        if int(context.node_config["partition-id"]) == self.partition and (
+            "fitins.config" in msg.content.config_records
+        ):
+            raise RuntimeError("this device fails while it trains")
+        return call_next(msg, context)
+
+
+def test_secure_round_completes_without_a_device_that_fails_mid_round(
+    shared_bert: Path, domains: Path, tmp_path: Path
+) -> None:
+    """One of three devices fails after the keys are shared: the other two are unmasked and
+    averaged, and the round says who took part."""
+    from edgec.federated import simulate
+
+    plan = _plan(rounds=1, secure_aggregation=True)
+    result = simulate(shared_bert, domains, tmp_path / "out.ckpt", plan, mods=[FailsOnce(0)])
+    done = result.report["rounds"][1]
+    assert done["applied"] and len(done["clients"]) == 2 and done["examples"] == 2 * 48
+    assert sorted(done["fidelity"]) == ["domain0", "domain1", "domain2"]  # all still measure
