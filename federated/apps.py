@@ -322,7 +322,7 @@ def _secure_round(
         raise FederatedError("a secure round needs the ServerApp's context")
     say(f"round {number}/{plan.rounds}: training under secure aggregation (SecAgg+)")
     done = secure.secure_round(
-        grid, context, number, arrays, trainable.names, config, plan.round_timeout_s, plan.rounds
+        grid, context, number, arrays, trainable.names, config, plan.round_timeout_s
     )
     reason = done.reason
     if done.average is not None:

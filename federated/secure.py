@@ -155,13 +155,11 @@ def secure_round(
     names: list[str],
     config: Mapping[str, Any],
     timeout_s: float,
-    rounds: int,
 ) -> SecureRound:
     """One round of training on every connected device, aggregated with SecAgg+."""
     import flwr.compat.common.recorddict_compat as compat
     from flwr.app import ConfigRecord
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server import ServerConfig
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.strategy import FedAvg
@@ -188,7 +186,7 @@ def secure_round(
         min_available_clients=MIN_DEVICES,
         on_fit_config_fn=lambda _: dict(config),
     )
-    legacy = LegacyContext(context, ServerConfig(num_rounds=rounds), strategy)
+    legacy = LegacyContext(context, strategy=strategy)  # the workflow reads no ServerConfig
     for node in nodes:
         legacy.client_manager.register(GridClientProxy(node, grid, context.run_id))
     start = compat.parameters_to_arrayrecord(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_edgec
@@ -24,26 +25,37 @@ def _dominated(point: tuple[float, float], others: list[tuple[float, float]]) ->
     )
 
 
+def _auto(model: Path, calib: Path, out: Path, floor: str, *options: str) -> Any:
+    """``edgec compress MODEL --recipe auto --floor FLOOR [options] --calib CALIB -o OUT``."""
+    return run_edgec(
+        "compress",
+        str(model),
+        "--recipe",
+        "auto",
+        "--floor",
+        floor,
+        *options,
+        "--calib",
+        str(calib),
+        "-o",
+        str(out),
+    )
+
+
 @pytest.fixture(scope="module")
 def auto_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, wide_bert: Path, text_calibration: Path
 ) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("auto") / "ckpt"
-    result = run_edgec(
-        "compress",
-        str(wide_bert),
-        "--recipe",
-        "auto",
-        "--floor",
+    result = _auto(
+        wide_bert,
+        text_calibration,
+        out,
         "min_cosine=0.95",
         "--objective",
         "size",
         "--max-candidates",
         "3",
-        "--calib",
-        str(text_calibration),
-        "-o",
-        str(out),
     )
     assert result.returncode == 0, result.stderr
     return out, json.loads((out / "search.json").read_text())
@@ -89,20 +101,7 @@ def test_floor_nothing_meets_exits_7_naming_the_closest(
 ) -> None:
     """Only the original meets min cosine 1.0 (0.9999999 was met by int8 embeddings alone)."""
     out = tmp_path / "never"
-    result = run_edgec(
-        "compress",
-        str(wide_bert),
-        "--recipe",
-        "auto",
-        "--floor",
-        "min_cosine=1.0",
-        "--max-candidates",
-        "1",
-        "--calib",
-        str(text_calibration),
-        "-o",
-        str(out),
-    )
+    result = _auto(wide_bert, text_calibration, out, "min_cosine=1.0", "--max-candidates", "1")
     assert result.returncode == 7, result.stderr
     assert "the closest" in result.stderr and "min cosine" in result.stderr
     assert not out.exists()  # no half-written artifact
@@ -212,12 +211,10 @@ def test_memory_objective_on_a_device_profile(
         f"devices:\n  - {{name: board, threads: 1, memory_mb: {memory_mb}}}\n", encoding="utf-8"
     )
     out = tmp_path / "ckpt"
-    result = run_edgec(
-        "compress",
-        str(wide_bert),
-        "--recipe",
-        "auto",
-        "--floor",
+    result = _auto(
+        wide_bert,
+        text_calibration,
+        out,
         "min_cosine=0.9",
         "--objective",
         "memory",
@@ -225,10 +222,6 @@ def test_memory_objective_on_a_device_profile(
         str(devices),
         "--max-candidates",
         "1",
-        "--calib",
-        str(text_calibration),
-        "-o",
-        str(out),
     )
     assert result.returncode == code, result.stderr
     if code:
